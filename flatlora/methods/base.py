@@ -1,0 +1,302 @@
+"""The shared base of every training method: a PyTorch optimizer that wraps a base optimizer.
+
+A step has three phases, so that the plain loop and the HF Trainer drive methods the same way:
+
+1. ``perturb(grads)``: move the weights to the point where the update's gradient is taken
+   (two-pass methods get the first-pass gradients of :attr:`factor_params`; one-pass methods
+   none); the clean weights are kept as clones;
+2. forward and backward at that point (all gradient-accumulation micro-batches);
+3. ``restore()`` copies the clean weights back, then ``step()`` updates.
+
+:meth:`train_step` runs all of it for one batch from a loss function. The model at rest
+always holds clean weights: a checkpoint, an evaluation or a crash never sees a perturbation.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+
+from flatlora.errors import FlatLoraError
+from flatlora.lora import LoraPair, balancedness, find_lora_pairs, require_plain_lora
+from flatlora.schedules import RhoSchedule
+
+LossFn = Callable[[], torch.Tensor]
+STATE_KEY = "flatlora"
+STATE_FORMAT = 1
+
+
+class RngSnapshot:
+    """The global RNG state (CPU and CUDA) at one moment, to replay the same dropout masks."""
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+def _is_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """All entries finite; one device sync per device rather than one per tensor."""
+    flags: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+    for t in tensors:
+        flags[t.device].append(torch.isfinite(t).all())
+    return all(bool(torch.stack(f).all()) for f in flags.values())
+
+
+class LoRAMethod(torch.optim.Optimizer):
+    """Plain LoRA (METHODS.md section 1) and the base class of every sharpness-aware method.
+
+    Args:
+        model: a peft LoRA model.
+        base_optimizer: the optimizer that updates the weights; by default ``optimizer_cls``
+            (AdamW) over every parameter that requires grad, with ``lr`` and ``optimizer_kwargs``.
+        rho, rho_schedule, rho_min, total_steps: the radius and its schedule (section 5).
+        adapter: the adapter to train; by default each layer's active adapters.
+    """
+
+    name: ClassVar[str] = "lora"
+    two_pass: ClassVar[bool] = False  # needs a first forward/backward to build its perturbation
+    uses_rho: ClassVar[bool] = False
+    needs_plain_lora: ClassVar[bool] = False  # relies on W = W0 + s B A (refuses DoRA)
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        base_optimizer: torch.optim.Optimizer | None = None,
+        *,
+        lr: float = 1e-3,
+        rho: float = 0.05,
+        rho_schedule: str = "constant",
+        rho_min: float = 0.0,
+        total_steps: int | None = None,
+        adapter: str | None = None,
+        optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
+        optimizer_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.pairs: list[LoraPair] = find_lora_pairs(model, adapter)
+        if self.needs_plain_lora:
+            require_plain_lora(self.pairs, self.name)
+        if self.two_pass or self.uses_rho:
+            frozen = [p.name for p in self.pairs if not (p.A.requires_grad and p.B.requires_grad)]
+            if frozen:
+                raise FlatLoraError(
+                    f"{self.name} perturbs LoRA factors that do not require grad ({frozen[0]}, ...): "
+                    "train the adapter with is_trainable=True / requires_grad_(True)"
+                )
+        if base_optimizer is None:
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            if not trainable:
+                raise FlatLoraError("the model has no parameter that requires grad: load the adapter as trainable")
+            if not lr > 0:
+                raise FlatLoraError(f"lr must be > 0, got {lr}: pass a positive learning rate")
+            base_optimizer = optimizer_cls(trainable, lr=lr, **(optimizer_kwargs or {}))
+        self.base_optimizer = base_optimizer
+        in_optimizer = {id(p) for group in base_optimizer.param_groups for p in group["params"]}
+        missing = [p.name for p in self.pairs if p.A.requires_grad and id(p.A) not in in_optimizer]
+        if missing:
+            raise FlatLoraError(
+                f"the base optimizer does not hold the LoRA factors of {missing[0]}: "
+                "build it over the model's trainable parameters"
+            )
+        self.schedule = RhoSchedule(rho, rho_schedule, rho_min, total_steps)
+        # Optimizer.__init__ would register the base's groups a second time; __setstate__
+        # sets up only the hook bookkeeping. param_groups is shared with the base (property).
+        self.__setstate__({"defaults": base_optimizer.defaults, "state": defaultdict(dict)})
+        self.factor_params: list[torch.Tensor] = [t for p in self.pairs for t in (p.A, p.B)]
+        self.steps_done = 0
+        self.steps_skipped = 0
+        self._clean: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._log: dict[str, Any] = {}
+
+    # -- the optimizer contract ------------------------------------------------------------
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.base_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        self.base_optimizer.param_groups = groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        """Update from the gradients in ``.grad`` (taken at the perturbed point, weights restored).
+
+        A non-finite gradient skips the update and leaves the method's state unchanged.
+        """
+        if closure is not None:
+            raise FlatLoraError(
+                f"{self.name}.step() takes no closure: drive it with train_step(loss_fn), "
+                "or perturb() / forward-backward / restore() / step()"
+            )
+        if self._clean:
+            raise FlatLoraError("step() called while the weights are perturbed: call restore() after the backward pass")
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        rho = self.rho
+        if not _is_finite(grads):
+            self.steps_skipped += 1
+            self._log.update(skipped=1.0)
+        else:
+            self._before_update(rho)
+            self.base_optimizer.step()
+            self._log.update(skipped=0.0)
+        self.steps_done += 1
+        if self.uses_rho:
+            self._log["rho"] = rho
+        per_layer = balancedness(self.pairs)
+        self._log.update(balancedness=per_layer.sum(), balancedness_per_layer=per_layer)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict plus this method's state under the key ``"flatlora"``."""
+        state = self.base_optimizer.state_dict()
+        index = self._param_index()
+        state[STATE_KEY] = {
+            "format": STATE_FORMAT,
+            "method": self.name,
+            "steps_done": self.steps_done,
+            "steps_skipped": self.steps_skipped,
+            "state": {index[id(p)]: dict(s) for p, s in self.state.items() if s},
+            "extra": self._extra_state(),
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        own = state_dict.pop(STATE_KEY, None)
+        if own is None:
+            raise FlatLoraError(
+                f"this optimizer state was not saved by a flatlora method: resume {self.name} from a "
+                "checkpoint written by flatlora, or start the run afresh"
+            )
+        if own.get("method") != self.name or own.get("format") != STATE_FORMAT:
+            raise FlatLoraError(
+                f"the optimizer state belongs to method {own.get('method')!r} (format {own.get('format')}), "
+                f"not {self.name!r}: resume with --method {own.get('method')}"
+            )
+        self.base_optimizer.load_state_dict(state_dict)
+        params = self._params()
+        self.state = defaultdict(dict)
+        for i, saved in own["state"].items():
+            p = params[int(i)]
+            # Kept in its saved dtype: an fp32 EMA of a bf16 parameter stays fp32.
+            self.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in saved.items()}
+        self.steps_done = int(own["steps_done"])
+        self.steps_skipped = int(own["steps_skipped"])
+        self._load_extra_state(own.get("extra", {}))
+
+    # -- the phases of a step ----------------------------------------------------------------
+
+    @property
+    def rho(self) -> float:
+        """rho_t for the current step."""
+        return self.schedule(self.steps_done)
+
+    @torch.no_grad()
+    def perturb(self, grads: list[torch.Tensor | None] | None = None) -> None:
+        """Move the weights to this step's perturbed point, keeping clones of the clean ones.
+
+        Two-pass methods need ``grads``: the first-pass gradients of :attr:`factor_params`.
+        """
+        if self._clean:
+            raise FlatLoraError("perturb() called twice without restore(): restore the weights first")
+        if self.two_pass and grads is None:
+            raise FlatLoraError(f"{self.name} needs the first-pass gradients: call perturb(grads)")
+        self._apply(self._perturbation(grads))
+
+    @torch.no_grad()
+    def _apply(self, moves: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Add each delta to its tensor, keeping a clone of the clean tensor for restore()."""
+        for target, delta in moves:
+            self._clean.append((target, target.detach().clone()))
+            target.add_(delta.reshape(target.shape))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Copy the clean weights back exactly (subtracting the perturbation would drift)."""
+        for target, clean in self._clean:
+            target.copy_(clean)
+        self._clean = []
+
+    @property
+    def perturbed(self) -> bool:
+        return bool(self._clean)
+
+    def diagnose(self, loss_fn: LossFn) -> dict[str, Any]:
+        """Optional extra measurements on this step's batch before its passes (none by default)."""
+        return {}
+
+    def train_step(self, loss_fn: LossFn) -> dict[str, Any]:
+        """One optimizer step on one batch; ``loss_fn()`` runs a forward pass and returns the loss.
+
+        Returns the step's log: ``loss`` (the first forward of the step: the clean point for
+        lora, lora-sam, flat-lora and bar, the EMA point for eflat-lora, the noisy point for
+        rwp-lora), ``perturbed_loss`` for two-pass methods, and the method's quantities.
+        """
+        self.zero_grad(set_to_none=True)
+        log = self.diagnose(loss_fn)
+        grads = None
+        if self.two_pass:
+            loss = loss_fn()
+            grads = torch.autograd.grad(loss, self.factor_params, allow_unused=True)
+            log["loss"] = loss.detach()
+        self.perturb(grads)
+        try:
+            second = loss_fn()
+            second.backward()
+        finally:
+            self.restore()
+        log["perturbed_loss" if self.two_pass else "loss"] = second.detach()
+        self.step()
+        return self.pop_log(log)
+
+    def pop_log(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The quantities logged since the last call, as floats and lists of floats."""
+        log, self._log = {**self._log, **(extra or {})}, {}
+        out: dict[str, Any] = {}
+        for key, value in log.items():
+            if torch.is_tensor(value):
+                value = value.detach().float().cpu()
+                out[key] = value.item() if value.dim() == 0 else value.tolist()
+            else:
+                out[key] = value
+        return out
+
+    # -- what subclasses define ----------------------------------------------------------------
+
+    def _perturbation(self, grads) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(tensor, delta) pairs to add for this step's pass; plain LoRA adds nothing."""
+        return []
+
+    def _before_update(self, rho: float) -> None:
+        """Work between a finite backward and the base optimizer's step."""
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        pass
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _param_index(self) -> dict[int, int]:
+        return {id(p): i for i, p in enumerate(self._params())}
+
+    def _factor_grads(self, grads) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Split first-pass gradients (or ``.grad``) into per-layer gA, gB matrices; None -> 0."""
+        if grads is None:
+            grads = [t.grad for t in self.factor_params]
+        mats = [(g if g is not None else torch.zeros_like(t)).flatten(1) for g, t in zip(grads, self.factor_params)]
+        return mats[0::2], mats[1::2]

@@ -1,0 +1,72 @@
+"""``rwp-lora``: random weight perturbation of the merged weight (Li et al. 2024's Flat-LoRA)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from flatlora.errors import FlatLoraError
+from flatlora.methods.base import LoRAMethod
+
+
+class RWPLoRA(LoRAMethod):
+    """Gaussian noise on W' = W0 + s B A, per output row i with std f_t rho ||W'_i|| / sqrt(n).
+
+    f_t = (1 - cos(pi t / T)) / 2 ramps the noise up over the run's T = ``total_steps``. The
+    noise is added to the frozen base weight, drawn once per optimizer step (so it is held
+    across accumulation micro-batches) from a dedicated generator seeded with ``seed``, whose
+    state is saved with the optimizer. Named rwp-lora to avoid the clash with this paper's
+    Flat-LoRA. Costs one clone of each adapted base weight while perturbed.
+    """
+
+    name = "rwp-lora"
+    uses_rho = True
+    needs_plain_lora = True
+
+    def __init__(self, model, base_optimizer=None, *, seed: int = 0, **kwargs) -> None:
+        super().__init__(model, base_optimizer, **kwargs)
+        if self.schedule.total_steps is None or self.schedule.total_steps < 1:
+            raise FlatLoraError(
+                "rwp-lora ramps its noise over the run: pass total_steps (the number of optimizer steps)"
+            )
+        for pair in self.pairs:
+            pair.base_weight()  # refuses quantized bases now rather than at the first step
+        self.seed = seed
+        self._generators: dict[str, torch.Generator] = {}
+
+    def noise_factor(self) -> float:
+        """f_t = (1 - cos(pi t / T)) / 2."""
+        progress = min(self.steps_done / self.schedule.total_steps, 1.0)
+        return 0.5 * (1.0 - math.cos(math.pi * progress))
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[key]
+
+    def _perturbation(self, grads):
+        scale = self.noise_factor() * self.rho
+        self._log["noise_scale"] = scale
+        if scale == 0:
+            return []
+        moves = []
+        for pair in self.pairs:
+            W0 = pair.base_weight()
+            layout = W0.T if pair.base_transposed else W0.flatten(1)  # (m, n) like B @ A
+            merged = layout.float() + pair.scaling * (pair.b_matrix.float() @ pair.a_matrix.float())
+            sigma = scale * merged.norm(dim=1, keepdim=True) / math.sqrt(merged.shape[1])
+            noise = torch.randn(merged.shape, generator=self._generator(W0.device), device=W0.device) * sigma
+            moves.append((W0, (noise.T if pair.base_transposed else noise).to(W0.dtype)))
+        return moves
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"seed": self.seed, "generators": {k: g.get_state() for k, g in self._generators.items()}}
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        self.seed = int(extra.get("seed", self.seed))
+        self._generators = {}
+        for key, state in extra.get("generators", {}).items():
+            self._generator(torch.device(key)).set_state(state.cpu())

@@ -1,0 +1,154 @@
+"""Models: LoRA defaults per architecture and tiny random configs built in code (for tests).
+
+The tiny configs need no download; each comes wrapped in peft LoRA on the modules the LoRA
+paper adapts (query/value; GPT-2's fused ``c_attn``; LLaMA's q_proj/v_proj).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flatlora.errors import FlatLoraError
+
+# LoRA targets, in order of preference: the attention query and value projections, as in
+# the LoRA paper's RoBERTa setup, under the names each architecture family uses (GPT-2 fuses
+# them in c_attn). Matched against the model's module names, so renames across transformers
+# versions (ViT's query -> q_proj in v5) need no table per model type.
+LORA_TARGET_CANDIDATES: tuple[tuple[str, ...], ...] = (
+    ("query", "value"),
+    ("q_proj", "v_proj"),
+    ("c_attn",),
+    ("q_lin", "v_lin"),
+    ("query_proj", "value_proj"),
+    ("Wqkv",),
+)
+
+TINY_ARCHS = ("bert", "gpt2", "vit", "llama")
+TINY_VOCAB = 64
+TINY_SEQ = 16
+TINY_IMAGE = 16
+
+
+def default_lora_targets(model: torch.nn.Module) -> list[str]:
+    """The query/value projections of ``model`` under its architecture's module names."""
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for candidate in LORA_TARGET_CANDIDATES:
+        if all(name in leaves for name in candidate):
+            return list(candidate)
+    raise FlatLoraError(
+        "found no query/value projection to adapt in this model: pass the LoRA target modules explicitly"
+    )
+
+
+def _tiny_base(arch: str, num_labels: int) -> tuple[torch.nn.Module, str]:
+    import transformers as tf
+
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    if arch == "bert":
+        config = tf.BertConfig(
+            vocab_size=TINY_VOCAB,
+            max_position_embeddings=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            num_labels=num_labels,
+            **common,
+        )
+        return tf.BertForSequenceClassification(config), "SEQ_CLS"
+    if arch == "gpt2":
+        config = tf.GPT2Config(
+            vocab_size=TINY_VOCAB,
+            n_positions=64,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+        return tf.GPT2LMHeadModel(config), "CAUSAL_LM"
+    if arch == "vit":
+        config = tf.ViTConfig(
+            image_size=TINY_IMAGE,
+            patch_size=4,
+            num_channels=3,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            num_labels=num_labels,
+            **common,
+        )
+        return tf.ViTForImageClassification(config), "VIT"
+    if arch == "llama":
+        config = tf.LlamaConfig(
+            vocab_size=TINY_VOCAB,
+            max_position_embeddings=64,
+            num_key_value_heads=1,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
+        return tf.LlamaForCausalLM(config), "CAUSAL_LM"
+    raise FlatLoraError(f"unknown tiny architecture {arch!r}: use one of {', '.join(TINY_ARCHS)}")
+
+
+def tiny_model(
+    arch: str,
+    *,
+    r: int = 4,
+    alpha: float = 8,
+    seed: int = 0,
+    num_labels: int = 2,
+    lora_dropout: float = 0.0,
+    dtype: torch.dtype = torch.float32,
+    **lora_kwargs,
+) -> torch.nn.Module:
+    """A tiny randomly initialised model of ``arch`` wrapped in peft LoRA (deterministic per seed).
+
+    Classification models (bert, vit) also train their classifier head (peft modules_to_save).
+    Extra ``lora_kwargs`` go to ``peft.LoraConfig`` (``use_rslora``, ``use_dora``, ...).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    base, task = _tiny_base(arch, num_labels)
+    base.config._attn_implementation = "eager"  # double backward (Hessians) needs eager attention
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=lora_dropout,
+        target_modules=default_lora_targets(base),
+        task_type=None if task == "VIT" else task,
+        modules_to_save=["classifier"] if task == "VIT" else None,
+        fan_in_fan_out=arch == "gpt2",
+        **lora_kwargs,
+    )
+    return get_peft_model(base, config).to(dtype)
+
+
+def tiny_batches(arch: str, n_batches: int, batch_size: int = 8, *, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """A learnable synthetic task for ``tiny_model(arch)``, as HF-style dict batches.
+
+    bert: label 1 when token 3 occurs in the first half of the sequence; vit: label from the
+    sign of the image's mean red minus green; gpt2 and llama: memorise fixed token sequences.
+    """
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n_batches):
+        if arch == "vit":
+            labels = torch.randint(0, 2, (batch_size,), generator=g)
+            pixels = torch.randn(batch_size, 3, TINY_IMAGE, TINY_IMAGE, generator=g)
+            pixels[:, 0] += (labels.float() * 2 - 1)[:, None, None]
+            batches.append({"pixel_values": pixels, "labels": labels})
+            continue
+        ids = torch.randint(4, TINY_VOCAB, (batch_size, TINY_SEQ), generator=g)
+        if arch == "bert":
+            labels = torch.randint(0, 2, (batch_size,), generator=g)
+            where = torch.randint(0, TINY_SEQ // 2, (batch_size,), generator=g)
+            ids[labels.bool(), where[labels.bool()]] = 3
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+        elif arch in ("gpt2", "llama"):
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        else:
+            raise FlatLoraError(f"unknown tiny architecture {arch!r}: use one of {', '.join(TINY_ARCHS)}")
+        batches.append(batch)
+    return batches

@@ -1,0 +1,189 @@
+"""The perturbation math of METHODS.md, as pure functions on tensors.
+
+Flat-LoRA picks a SAM perturbation in the full weight space and carries it into B. Written
+naively that forms an m x n gradient estimate and pseudo-inverts m x r and r x n matrices for
+every layer. With ``SA = (A A^T)^+`` and ``SB = (B^T B)^+`` (both r x r) everything reduces to
+
+    G_hat A^+     = 1/(2s) (gB SA + B SB (gA A^T) SA)                          (m x r)
+    ||G_hat||_F^2 = 1/(4s^2) [tr(SA gB^T gB) + tr(SB gA gA^T) + 2 tr(SA gB^T B SB gA A^T)]
+
+at O((m + n) r^2) flops and O(r^2) extra memory per layer. No function here forms an m x n
+matrix. Shapes follow peft: A is (r, n), B is (m, r), gA and gB match them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from flatlora.errors import FlatLoraError
+
+NORMS = ("global", "layer")
+
+
+def _trace_of_product(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """tr(X @ Y) for square X, Y without forming the product."""
+    return (X * Y.transpose(-1, -2)).sum()
+
+
+def gram_pinv(gram: torch.Tensor, sv_rtol: float) -> torch.Tensor:
+    """Hermitian pseudo-inverse of an r x r Gram matrix X^T X (or X X^T).
+
+    ``sv_rtol`` is a cutoff relative to the largest singular value of X; on the Gram matrix
+    it acts squared, floored at the Gram's own rounding level so that noise is never inverted.
+    """
+    r = gram.shape[-1]
+    eig_rtol = max(sv_rtol**2, 10 * r * torch.finfo(gram.dtype).eps)
+    return torch.linalg.pinv(gram, hermitian=True, rtol=eig_rtol)
+
+
+def _default_sv_rtol(dtype: torch.dtype, r: int) -> float:
+    return max(r, 10) * torch.finfo(dtype).eps
+
+
+def _check_inputs(As, Bs, grad_As, grad_Bs, scalings) -> None:
+    sizes = {len(As), len(Bs), len(grad_As), len(grad_Bs), len(scalings)}
+    if len(sizes) != 1:
+        raise FlatLoraError(
+            "As, Bs, grad_As, grad_Bs and scalings must have one entry per layer: "
+            f"got lengths {[len(As), len(Bs), len(grad_As), len(grad_Bs), len(scalings)]}"
+        )
+    for i, (A, B, gA, gB) in enumerate(zip(As, Bs, grad_As, grad_Bs)):
+        if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
+            raise FlatLoraError(
+                f"layer {i}: A must be (r, n) and B (m, r), got {tuple(A.shape)} and {tuple(B.shape)}; "
+                "pass LoraPair.a_matrix / b_matrix"
+            )
+        if gA.shape != A.shape or gB.shape != B.shape:
+            raise FlatLoraError(f"layer {i}: gradient shapes {tuple(gA.shape)}, {tuple(gB.shape)} do not match A, B")
+
+
+def flat_lora_directions(
+    As: Sequence[torch.Tensor],
+    Bs: Sequence[torch.Tensor],
+    grad_As: Sequence[torch.Tensor],
+    grad_Bs: Sequence[torch.Tensor],
+    scalings: Sequence[float],
+    *,
+    sv_rtol: float | None = None,
+    compute_dtype: torch.dtype = torch.float64,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per layer ``G_hat_l @ A_l^+`` (m x r) and ``||G_hat_l||_F^2``, in ``compute_dtype``.
+
+    G_hat = 1/2 ((1/s) gB (A^T)^+ + (1/s) (B^T)^+ gA) is the paper's estimate of the full
+    weight gradient (Eq. 10-12). Returns ``(directions, sq_norms)`` with ``sq_norms`` of
+    shape (L,) on the first layer's device.
+    """
+    _check_inputs(As, Bs, grad_As, grad_Bs, scalings)
+    directions, sq_norms = [], []
+    for A, B, gA, gB, s in zip(As, Bs, grad_As, grad_Bs, scalings):
+        if s == 0:
+            raise FlatLoraError("a LoRA scaling of 0 makes the full-weight gradient undefined: use lora_alpha > 0")
+        rtol = sv_rtol if sv_rtol is not None else _default_sv_rtol(A.dtype, A.shape[0])
+        A, B, gA, gB = (t.detach().to(compute_dtype) for t in (A, B, gA, gB))
+        SA = gram_pinv(A @ A.T, rtol)
+        SB = gram_pinv(B.T @ B, rtol)
+        gA_At = gA @ A.T
+        SB_gA_At_SA = SB @ gA_At @ SA
+        directions.append((gB @ SA + B @ SB_gA_At_SA) / (2 * s))
+        sq = (
+            _trace_of_product(SA, gB.T @ gB)
+            + _trace_of_product(SB, gA @ gA.T)
+            + 2 * _trace_of_product(gB.T @ B, SB_gA_At_SA)
+        ) / (4 * s * s)
+        # The three terms sum to a squared norm; rounding can leave a tiny negative value.
+        sq_norms.append(sq.clamp_min(0).to(As[0].device))
+    return directions, torch.stack(sq_norms)
+
+
+def perturbation_scales(sq_norms: torch.Tensor, rho: float, norm: str = "global") -> torch.Tensor:
+    """rho / N per layer: N is the global norm over layers or each layer's own norm; 0 where N is 0."""
+    if norm not in NORMS:
+        raise FlatLoraError(f"unknown norm {norm!r}: use one of {', '.join(NORMS)}")
+    if not rho >= 0:
+        raise FlatLoraError(f"rho must be >= 0, got {rho}: pass a non-negative radius")
+    N = sq_norms.sum().sqrt().expand_as(sq_norms) if norm == "global" else sq_norms.sqrt()
+    return torch.where(N > 0, rho / N.clamp_min(torch.finfo(N.dtype).tiny), torch.zeros_like(N))
+
+
+def flat_lora_eps_b(
+    As: Sequence[torch.Tensor],
+    Bs: Sequence[torch.Tensor],
+    grad_As: Sequence[torch.Tensor],
+    grad_Bs: Sequence[torch.Tensor],
+    scalings: Sequence[float],
+    rho: float,
+    norm: str = "global",
+    *,
+    sv_rtol: float | None = None,
+    compute_dtype: torch.dtype = torch.float64,
+) -> list[torch.Tensor]:
+    """Flat-LoRA's perturbation of each B (METHODS.md section 3), never forming an m x n matrix.
+
+    eps_W = rho G_hat / N is the SAM step in the full weight space (N the global norm over
+    layers, or per layer with ``norm="layer"``), carried into B as eps_B = (1/s) eps_W A^+,
+    so that s eps_B A = eps_W P_A has norm at most rho.
+
+    Args:
+        As: per layer A, (r, n). Bs: per layer B, (m, r).
+        grad_As, grad_Bs: dL/dA and dL/dB, same shapes.
+        scalings: per layer s (alpha / r, or alpha / sqrt(r) with rslora).
+        rho: radius in the full weight space, >= 0.
+        norm: ``"global"`` (SAM's ball over all layers) or ``"layer"``.
+        sv_rtol: singular-value cutoff of the pseudo-inverses, relative to the largest.
+        compute_dtype: dtype of the r x r algebra (float64 by default; never bf16/fp16).
+
+    Returns:
+        eps_B per layer, (m, r), in each B's dtype and device.
+    """
+    directions, sq_norms = flat_lora_directions(
+        As, Bs, grad_As, grad_Bs, scalings, sv_rtol=sv_rtol, compute_dtype=compute_dtype
+    )
+    scales = perturbation_scales(sq_norms, rho, norm)
+    return [
+        (direction * (scale.to(direction.device) / s)).to(B.dtype)
+        for direction, scale, s, B in zip(directions, scales, scalings, Bs)
+    ]
+
+
+def realized_sq_norms(
+    eps_Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], scalings: Sequence[float]
+) -> torch.Tensor:
+    """||s eps_B A||_F^2 per layer, the full-space size of a B perturbation, via r x r algebra."""
+    out = []
+    for eps_B, A, s in zip(eps_Bs, As, scalings):
+        e, a = eps_B.detach().double(), A.detach().double()
+        out.append((s * s * _trace_of_product(e.T @ e, a @ a.T)).to(As[0].device))
+    return torch.stack(out)
+
+
+def sam_perturbation(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    rho: float,
+    *,
+    adaptive: bool = False,
+    eta: float = 0.01,
+) -> list[torch.Tensor]:
+    """SAM's ascent step over all tensors as one vector: eps = rho g / ||g||.
+
+    With ``adaptive`` (ASAM), eps = rho T^2 g / ||T g|| with T = |theta| + eta. One global norm
+    over every tensor; a zero gradient gives a zero perturbation.
+    """
+    if not rho >= 0:
+        raise FlatLoraError(f"rho must be >= 0, got {rho}: pass a non-negative radius")
+    if adaptive and not eta >= 0:
+        raise FlatLoraError(f"eta must be >= 0, got {eta}: pass a non-negative ASAM offset")
+    grads = [g.detach() for g in grads]
+    if adaptive:
+        scales = [p.detach().abs() + eta for p in params]
+        scaled = [t * g for t, g in zip(scales, grads)]
+    else:
+        scales, scaled = None, grads
+    sq = torch.stack([g.float().square().sum().to(grads[0].device) for g in scaled]).sum()
+    norm = sq.sqrt()
+    factor = torch.where(norm > 0, rho / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.zeros_like(norm))
+    if adaptive:
+        return [(t * t * g * factor.to(g.device)).to(g.dtype) for t, g in zip(scales, grads)]
+    return [(g * factor.to(g.device)).to(g.dtype) for g in grads]

@@ -112,11 +112,11 @@ def tiny_model(
     torch.manual_seed(seed)
     base, task = _tiny_base(arch, num_labels)
     base.config._attn_implementation = "eager"  # double backward (Hessians) needs eager attention
+    lora_kwargs.setdefault("target_modules", default_lora_targets(base))
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=lora_dropout,
-        target_modules=default_lora_targets(base),
         task_type=None if task == "VIT" else task,
         modules_to_save=["classifier"] if task == "VIT" else None,
         fan_in_fan_out=arch == "gpt2",

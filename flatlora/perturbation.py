@@ -59,39 +59,63 @@ def _check_inputs(As, Bs, grad_As, grad_Bs, scalings) -> None:
             raise FlatLoraError(f"layer {i}: gradient shapes {tuple(gA.shape)}, {tuple(gB.shape)} do not match A, B")
 
 
-def _r_by_r_factors(
-    As, Bs, grad_As, grad_Bs, scalings, sv_rtol: float | None, compute_dtype: torch.dtype
-) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-    """Per layer (SA, SB (gA A^T) SA), both r x r, and ||G_hat_l||_F^2 as a tensor of shape (L,).
+class _Workspace:
+    """Scratch buffers reused across layers of equal shape, so a sweep over L layers pays the
+    allocation (and, on CPU, the page faults of fresh memory) once per shape, not per layer."""
 
-    Only r x r results are kept across layers, so the extra memory of the whole pass is
-    O(L r^2) plus one layer's (m + n) r temporaries.
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (shape, dtype, device)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+        return self._buffers[key]
+
+
+def _stack_b(B, gB, dtype, workspace: _Workspace) -> torch.Tensor:
+    """[B, gB] as one (m x 2r) matrix in ``dtype``, written into a reused buffer."""
+    m, r = B.shape
+    Y = workspace.get((m, 2 * r), dtype, B.device)
+    Y[:, :r].copy_(B.detach())
+    Y[:, r:].copy_(gB.detach())
+    return Y
+
+
+def _r_by_r_factors(
+    As, Bs, grad_As, grad_Bs, scalings, sv_rtol: float | None, compute_dtype: torch.dtype, workspace: _Workspace
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per layer K = [SB (gA A^T) SA; SA] (2r x r) and ||G_hat_l||_F^2 as a tensor of shape (L,).
+
+    Then G_hat A^+ = [B, gB] K / (2s). Only r x r results are kept across layers, so the extra
+    memory of the whole sweep is O(L r^2) plus one (m + n) 2r workspace per layer shape.
+    The six Gram products come from two stacked ones: [A; gA][A; gA]^T and [B, gB]^T [B, gB].
     """
     _check_inputs(As, Bs, grad_As, grad_Bs, scalings)
     factors, sq_norms = [], []
     for A, B, gA, gB, s in zip(As, Bs, grad_As, grad_Bs, scalings):
         if s == 0:
             raise FlatLoraError("a LoRA scaling of 0 makes the full-weight gradient undefined: use lora_alpha > 0")
-        rtol = sv_rtol if sv_rtol is not None else _default_sv_rtol(A.dtype, A.shape[0])
-        A, B, gA, gB = (t.detach().to(compute_dtype) for t in (A, B, gA, gB))
-        SA = gram_pinv(A @ A.T, rtol)
-        SB = gram_pinv(B.T @ B, rtol)
-        SB_gA_At_SA = SB @ (gA @ A.T) @ SA
+        r, n = A.shape
+        rtol = sv_rtol if sv_rtol is not None else _default_sv_rtol(A.dtype, r)
+        X = workspace.get((2 * r, n), compute_dtype, A.device)
+        X[:r].copy_(A.detach())
+        X[r:].copy_(gA.detach())
+        GX = X @ X.T  # [[A A^T, A gA^T], [gA A^T, gA gA^T]]
+        Y = _stack_b(B, gB, compute_dtype, workspace)
+        GY = Y.T @ Y  # [[B^T B, B^T gB], [gB^T B, gB^T gB]]
+        SA = gram_pinv(GX[:r, :r], rtol)
+        SB = gram_pinv(GY[:r, :r], rtol)
+        SB_gA_At_SA = SB @ GX[r:, :r] @ SA
         sq = (
-            _trace_of_product(SA, gB.T @ gB)
-            + _trace_of_product(SB, gA @ gA.T)
-            + 2 * _trace_of_product(gB.T @ B, SB_gA_At_SA)
+            _trace_of_product(SA, GY[r:, r:])
+            + _trace_of_product(SB, GX[r:, r:])
+            + 2 * _trace_of_product(GY[r:, :r], SB_gA_At_SA)
         ) / (4 * s * s)
         # The three terms sum to a squared norm; rounding can leave a tiny negative value.
         sq_norms.append(sq.clamp_min(0).to(As[0].device))
-        factors.append((SA, SB_gA_At_SA))
+        factors.append(torch.cat([SB_gA_At_SA, SA]))
     return factors, torch.stack(sq_norms)
-
-
-def _direction(B, gB, s, SA, SB_gA_At_SA) -> torch.Tensor:
-    """G_hat @ A^+ = 1/(2s) (gB SA + B SB (gA A^T) SA), (m x r), in the factors' dtype."""
-    B, gB = (t.detach().to(SA.dtype) for t in (B, gB))
-    return (gB @ SA + B @ SB_gA_At_SA) / (2 * s)
 
 
 def flat_lora_directions(
@@ -110,8 +134,12 @@ def flat_lora_directions(
     weight gradient (Eq. 10-12). Returns ``(directions, sq_norms)`` with ``sq_norms`` of
     shape (L,) on the first layer's device.
     """
-    factors, sq_norms = _r_by_r_factors(As, Bs, grad_As, grad_Bs, scalings, sv_rtol, compute_dtype)
-    directions = [_direction(B, gB, s, *f) for B, gB, s, f in zip(Bs, grad_Bs, scalings, factors)]
+    workspace = _Workspace()
+    factors, sq_norms = _r_by_r_factors(As, Bs, grad_As, grad_Bs, scalings, sv_rtol, compute_dtype, workspace)
+    directions = [
+        _stack_b(B, gB, compute_dtype, workspace) @ K / (2 * s)
+        for B, gB, s, K in zip(Bs, grad_Bs, scalings, factors)
+    ]
     return directions, sq_norms
 
 
@@ -157,12 +185,16 @@ def flat_lora_eps_b(
     """
     # Two sweeps: the norms need every layer before any eps_B can be scaled, and only the
     # r x r factors are kept in between, never a full (m x r) direction per layer.
-    factors, sq_norms = _r_by_r_factors(As, Bs, grad_As, grad_Bs, scalings, sv_rtol, compute_dtype)
+    workspace = _Workspace()
+    factors, sq_norms = _r_by_r_factors(As, Bs, grad_As, grad_Bs, scalings, sv_rtol, compute_dtype, workspace)
     scales = perturbation_scales(sq_norms, rho, norm)
     eps_Bs = []
-    for B, gB, s, scale, factor in zip(Bs, grad_Bs, scalings, scales, factors):
-        direction = _direction(B, gB, s, *factor)
-        eps_Bs.append(direction.mul_(scale.to(direction.device) / s).to(B.dtype))
+    for B, gB, s, scale, K in zip(Bs, grad_Bs, scalings, scales, factors):
+        m, r = B.shape
+        direction = workspace.get((m, r), compute_dtype, B.device)
+        torch.matmul(_stack_b(B, gB, compute_dtype, workspace), K, out=direction)
+        direction.mul_(scale.to(direction.device) / (2 * s * s))  # G_hat A^+ / (2s), then rho / (N s)
+        eps_Bs.append(torch.empty_like(B).copy_(direction))
     return eps_Bs
 
 

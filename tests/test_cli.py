@@ -1,0 +1,177 @@
+"""The command line end to end on a tiny model: train, sweep (with a kill and a resume), errors."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from flatlora import cli
+from flatlora.models import save_tiny_text_model
+from flatlora.runs import list_runs, load_run
+
+WORDS = {0: ["awful", "bad", "boring", "dull"], 1: ["great", "good", "lovely", "fun"]}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_text_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def csv_file(tmp_path_factory):
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    rows = ["text,label"]
+    for i in range(60):
+        label = i % 2
+        rows.append(f"a {rng.choice(WORDS[label])} film number {i},{label}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def base_args(csv_file, model_dir, out, *extra):
+    return [
+        "--data",
+        str(csv_file),
+        "--model",
+        str(model_dir),
+        "--shots",
+        "4",
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--save-every",
+        "2",
+        "--log-every",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_train_writes_a_complete_run_directory(tmp_path, csv_file, tiny_model_dir):
+    out = tmp_path / "run"
+    code = cli.main(
+        [
+            "train",
+            "--method",
+            "eflat-lora",
+            "--rho",
+            "0.1",
+            "--trajectory-every",
+            "2",
+            *base_args(csv_file, tiny_model_dir, out),
+        ]
+    )
+    assert code == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "done" and info["method"] == "eflat-lora"
+    assert info["hparams"]["rho"] == 0.1 and info["hparams"]["steps"] == 4 and info["hparams"]["r"] == 8
+    assert info["data"]["shots"] == 4 and info["model"] == str(tiny_model_dir)
+    for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+        assert 0 <= info["metrics"][key] < 10
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert all("rho" in r and "eps_b_norm" in r for r in records if "loss" in r)
+    assert any("test_accuracy" in r for r in records)
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert sorted(p.name for p in (out / "trajectory").iterdir()) == ["step-2", "step-4"]
+    run = load_run(out)
+    assert run.final["test_accuracy"] == info["metrics"]["test_accuracy"]
+
+
+def test_sweep_resumes_after_a_kill_without_redoing_finished_runs(tmp_path, csv_file, tiny_model_dir, monkeypatch):
+    from flatlora.trainer import FlatLoraTrainer
+
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--methods", "lora,eflat-lora", "--seeds", "1,2", *base_args(csv_file, tiny_model_dir, out)]
+    original = FlatLoraTrainer.training_step
+    calls = {"n": 0}
+
+    def killed_in_third_run(self, *args, **kwargs):
+        # runs are ordered lora-seed1, lora-seed2, eflat-seed1, ...: die at step 3 of the third
+        if self.method_name == "eflat-lora" and self.state.global_step == 3:
+            calls["n"] += 1
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FlatLoraTrainer, "training_step", killed_in_third_run)
+    assert cli.main(argv) == 130
+    monkeypatch.setattr(FlatLoraTrainer, "training_step", original)
+    finished = {r.path.name: (r.path / "run.json").read_bytes() for r in list_runs(out, status="done")}
+    assert sorted(finished) == ["lora-lr0.001-seed1", "lora-lr0.001-seed2"]
+    killed = load_run(out / "eflat-lora-rho0.05-lr0.001-seed1")
+    assert killed.status == "failed" and (killed.path / "checkpoint" / "checkpoint-2").is_dir()
+
+    assert cli.main(argv) == 0
+    runs = list_runs(out)
+    assert len(runs) == 4 and all(r.status == "done" for r in runs)
+    for name, content in finished.items():  # not redone
+        assert (out / name / "run.json").read_bytes() == content
+    resumed = load_run(out / "eflat-lora-rho0.05-lr0.001-seed1")
+    steps = [m["step"] for m in resumed.metrics if "loss" in m]
+    assert steps == [1, 2, 3, 4]  # the killed step 3 is not logged twice
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"--method": "adam-sam"}, "unknown method"),
+        ({"--data": "imdb-reviews"}, "unknown data"),
+        ({"--data": "missing.csv"}, "not found"),
+        ({"--label-column": "stars"}, "stars"),
+        ({"--shots": "100"}, "k=100"),
+        ({"--model": "no/such-model-here"}, "cannot load model"),
+        ({"--model": "/no/such/folder"}, "cannot load model"),
+        ({"--rho": "-1"}, "rho must be >= 0"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, csv_file, tiny_model_dir, capsys, change, match):
+    out = tmp_path / "run"
+    args = base_args(csv_file, tiny_model_dir, out)
+    args = ["train", "--method", "flat-lora", *args]
+    for flag, value in change.items():
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    if change.get("--data") == "missing.csv":
+        args[args.index("--data") + 1] = str(tmp_path / "missing.csv")
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flatlora: error:") and "\n" not in err
+    assert match in err
+    assert not out.exists()
+
+
+def test_an_output_folder_holding_another_run_is_refused(tmp_path, csv_file, tiny_model_dir, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--method", "lora", *base_args(csv_file, tiny_model_dir, out)]) == 0
+    before = snapshot(out)
+    assert cli.main(["train", "--method", "flat-lora", *base_args(csv_file, tiny_model_dir, out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--overwrite" in err and "\n" not in err
+    assert snapshot(out) == before
+    assert cli.main(["train", "--method", "lora", *base_args(csv_file, tiny_model_dir, out)]) == 2
+    assert snapshot(out) == before
+
+
+def test_help_reads_well(capsys):
+    for argv in (["--help"], ["train", "--help"], ["sweep", "--help"], ["demo", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "eflat-lora" in text and "--resume" in text and "--seeds" in text

@@ -79,9 +79,11 @@ def _measure_here(route: str, args) -> int:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak resident set to the current one
     before = _status_bytes("VmRSS")
-    out = ROUTES[route](*call)
-    # The peak is refreshed lazily (on unmap); the outputs still held count too.
-    return max(_status_bytes("VmHWM"), _status_bytes("VmRSS")) - before
+    outputs = ROUTES[route](*call)
+    # The peak is refreshed lazily (on unmap); the outputs, still held here, count too.
+    peak = max(_status_bytes("VmHWM"), _status_bytes("VmRSS")) - before
+    del outputs
+    return peak
 
 
 def extra_peak_bytes(route: str, args) -> int:

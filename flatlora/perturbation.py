@@ -137,8 +137,7 @@ def flat_lora_directions(
     workspace = _Workspace()
     factors, sq_norms = _r_by_r_factors(As, Bs, grad_As, grad_Bs, scalings, sv_rtol, compute_dtype, workspace)
     directions = [
-        _stack_b(B, gB, compute_dtype, workspace) @ K / (2 * s)
-        for B, gB, s, K in zip(Bs, grad_Bs, scalings, factors)
+        _stack_b(B, gB, compute_dtype, workspace) @ K / (2 * s) for B, gB, s, K in zip(Bs, grad_Bs, scalings, factors)
     ]
     return directions, sq_norms
 

@@ -169,3 +169,17 @@ def test_trainer_refuses_what_it_cannot_honour(tmp_path):
         FlatLoraTrainer(model=model, args=args_for(tmp_path), train_dataset=data, perturbation_sync="ring")
     with pytest.raises(FlatLoraError, match="unknown method"):
         FlatLoraTrainer(model=model, args=args_for(tmp_path), train_dataset=data, method="adam-sam")
+
+
+@pytest.mark.parametrize("name", ["flat-lora", "eflat-lora"])
+def test_bf16_autocast_trains_with_clean_fp32_weights(tmp_path, name):
+    data = examples()
+    model = tiny_model("bert")
+    before = trainable(model)
+    _, trainer = run_trainer(tmp_path, name, data, model=model, bf16=True, max_steps=4)
+    history = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+    assert len(history) == 4 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    after = trainable(model)
+    assert all(v.dtype == torch.float32 for v in after.values())
+    assert any(not torch.equal(after[k], before[k]) for k in before)
+    assert trainer.method.steps_skipped == 0 and not trainer.method.perturbed

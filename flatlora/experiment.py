@@ -163,7 +163,7 @@ def train_run(config: TrainConfig, out: str | Path, *, resume: bool = False, ove
     from flatlora.data import TextClassificationCollator
     from flatlora.methods import make_method
     from flatlora.models import load_classifier
-    from flatlora.runs import RunDir, load_run
+    from flatlora.runs import RunDir, latest_checkpoint, load_run
     from flatlora.trainer import FlatLoraTrainer
 
     hf_logging.set_verbosity_error()
@@ -194,9 +194,8 @@ def train_run(config: TrainConfig, out: str | Path, *, resume: bool = False, ove
         if is_main
         else None
     )
-    checkpoint = None
-    if run is not None and resume:
-        checkpoint = run.latest_checkpoint()
+    # Every rank resumes from the same checkpoint; only rank 0 writes the run directory.
+    checkpoint = latest_checkpoint(Path(out) / "checkpoint") if resume else None
     start = time.perf_counter()
     try:
         args = TrainingArguments(
@@ -242,8 +241,8 @@ def train_run(config: TrainConfig, out: str | Path, *, resume: bool = False, ove
         _quiet_progress(trainer)
         if run is not None:
             trainer.add_callback(_RunDirCallback(run, model, config.trajectory_every))
-            if checkpoint is not None:
-                run.truncate_metrics(int(checkpoint.name.rsplit("-", 1)[-1]))
+            # The steps after the checkpoint are trained (and logged) again.
+            run.truncate_metrics(int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint else 0)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         metrics: dict[str, float] = {}
         for split in ("train", "dev", "test"):

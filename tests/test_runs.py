@@ -1,0 +1,163 @@
+"""Run directories: atomic writes, the refusal matrix (writing nothing), metrics, the reader."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from peft import get_peft_model_state_dict
+from safetensors.torch import load_file
+
+from flatlora import FlatLoraError
+from flatlora.models import tiny_model
+from flatlora.runs import (
+    RunDir,
+    atomic_directory,
+    atomic_write_json,
+    latest_checkpoint,
+    list_runs,
+    load_run,
+)
+
+CONFIG = dict(method="eflat-lora", hparams={"rho": 0.05, "lr": 1e-3, "steps": 4}, data={"spec": "x.csv"}, model="m")
+
+
+def snapshot(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_atomic_write_keeps_the_old_file_on_a_crash(tmp_path, monkeypatch):
+    path = tmp_path / "run.json"
+    atomic_write_json(path, {"a": 1})
+
+    def crash(*args):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        atomic_write_json(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # no temporary left
+
+
+def test_atomic_directory_leaves_the_old_folder_on_an_error(tmp_path):
+    target = tmp_path / "adapter"
+    with atomic_directory(target) as tmp:
+        (tmp / "w").write_text("old")
+    with pytest.raises(RuntimeError), atomic_directory(target) as tmp:
+        (tmp / "w").write_text("half")
+        raise RuntimeError("killed")
+    assert (target / "w").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+    with atomic_directory(target) as tmp:
+        (tmp / "w").write_text("new")
+    assert (target / "w").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_lifecycle_and_versions(tmp_path):
+    run = RunDir.create(tmp_path / "r", **CONFIG)
+    info = run.info
+    assert info["status"] == "running" and info["format"] == 1 and {"torch", "peft", "python"} <= set(info["versions"])
+    run.fail("boom")
+    assert run.info["status"] == "failed" and run.info["error"] == "boom"
+    again = RunDir.create(tmp_path / "r", resume=True, **CONFIG)
+    assert again.info["status"] == "running" and again.info["error"] is None
+    again.finish({"test_accuracy": 0.75}, wall_time_s=1.5)
+    loaded = load_run(tmp_path / "r")
+    assert loaded.status == "done" and loaded.final == {"test_accuracy": 0.75} and loaded.method == "eflat-lora"
+    assert loaded.info["created"] <= loaded.info["updated"]
+
+
+@pytest.mark.parametrize(
+    ("setup", "kwargs", "match"),
+    [
+        ("done", {}, "finished: pass --overwrite"),
+        ("done", {"resume": True}, "finished: pass --overwrite"),
+        ("failed", {}, "pass --resume"),
+        ("other", {}, r"different run \(differs in hparams.rho\)"),
+        ("other", {"resume": True}, "different run"),
+        ("junk", {}, "holds no run"),
+    ],
+)
+def test_refusals_write_nothing(tmp_path, setup, kwargs, match):
+    folder = tmp_path / "r"
+    if setup == "junk":
+        folder.mkdir()
+        (folder / "notes.txt").write_text("mine")
+    else:
+        run = RunDir.create(folder, **CONFIG)
+        run.append_metrics({"step": 1, "loss": 0.5})
+        if setup == "done":
+            run.finish({})
+        elif setup == "failed":
+            run.fail("x")
+    wanted = dict(CONFIG)
+    if setup == "other":
+        wanted["hparams"] = {**CONFIG["hparams"], "rho": 0.1}
+    before = snapshot(folder)
+    with pytest.raises(FlatLoraError, match=match):
+        RunDir.create(folder, **wanted, **kwargs)
+    assert snapshot(folder) == before
+
+
+def test_overwrite_replaces_any_folder(tmp_path):
+    folder = tmp_path / "r"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    RunDir.create(folder, overwrite=True, **CONFIG)
+    assert sorted(p.name for p in folder.iterdir()) == ["run.json"]
+
+
+def test_metrics_lines_nan_half_lines_and_truncation(tmp_path):
+    run = RunDir.create(tmp_path / "r", **CONFIG)
+    for step in (1, 2, 3):
+        run.append_metrics({"step": step, "loss": torch.tensor(0.1 * step), "gap": float("nan")})
+    with open(run.metrics_file, "a") as handle:
+        handle.write('{"step": 4, "lo')  # a crash mid-line
+    records = run.read_metrics()
+    assert [r["step"] for r in records] == [1, 2, 3] and records[0]["gap"] is None
+    assert math.isclose(records[2]["loss"], 0.3, rel_tol=1e-6)
+    run.truncate_metrics(2)
+    assert [r["step"] for r in run.read_metrics()] == [1, 2]
+
+
+def test_saved_adapter_holds_the_model_weights(tmp_path):
+    model = tiny_model("bert")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    run = RunDir.create(tmp_path / "r", **CONFIG)
+    target = run.save_adapter(model)
+    saved = load_file(target / "adapter_model.safetensors")
+    expected = get_peft_model_state_dict(model)
+    assert saved.keys() == expected.keys()
+    assert all(torch.equal(saved[k], expected[k]) for k in saved)
+    assert (run.save_adapter(model, step=7) / "adapter_config.json").exists()
+    assert load_run(run.path).adapter_path == target
+
+
+def test_list_runs_skips_broken_ones_and_filters(tmp_path):
+    for name, status in [("a", "done"), ("b", "failed"), ("nested/c", "done")]:
+        run = RunDir.create(tmp_path / name, **CONFIG)
+        run.update(status=status)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "run.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="broken"):
+        runs = list_runs(tmp_path)
+    assert [r.path.relative_to(tmp_path).as_posix() for r in runs] == ["a", "b", "nested/c"]
+    with pytest.warns(UserWarning):
+        assert [r.path.name for r in list_runs(tmp_path, status="done")] == ["a", "c"]
+    with pytest.raises(FlatLoraError, match="unknown run status"):
+        list_runs(tmp_path, status="finished")
+
+
+def test_latest_checkpoint_orders_by_number(tmp_path):
+    assert latest_checkpoint(tmp_path) is None
+    for n in (9, 10, 2):
+        (tmp_path / f"checkpoint-{n}").mkdir()
+    (tmp_path / "checkpoint-x").mkdir()
+    assert latest_checkpoint(tmp_path).name == "checkpoint-10"

@@ -203,9 +203,9 @@ class FlatLoraTrainer(Trainer):
         self._method_class = cls
         self._num_training_steps: int | None = None
         self._records: list[dict[str, Any]] = []
-        self._clean_losses: list[torch.Tensor] = []
         self._perturbed_losses: list[torch.Tensor] = []
         self._step_started = False
+        self._diagnostics: dict[str, Any] | None = None
         self._loss_kwargs_unchecked = True
         self.add_callback(_PopMethodLog(self))
 
@@ -242,14 +242,12 @@ class FlatLoraTrainer(Trainer):
         if self._loss_kwargs_unchecked:
             self._loss_kwargs_unchecked = False
             self._check_model_uses_num_items(model, inputs, num_items_in_batch)
-        if not self._step_started:
+        if not self._step_started:  # the first micro-batch of an optimizer step
             self._step_started = True
-            if hasattr(method, "diagnostics_every"):
-                self._diagnose(method, model, inputs, num_items_in_batch)
+            self._diagnose(method, model, inputs, num_items_in_batch)
         grads = None
         if method.two_pass:
             grads, clean = self._first_pass(method, model, inputs, num_items_in_batch)
-            self._clean_losses.append(clean)
         method.perturb(grads)
         try:
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -337,11 +335,11 @@ class FlatLoraTrainer(Trainer):
         self._diagnostics = method.diagnose(loss_fn)
 
     def _after_optimizer_step(self) -> None:
-        record = self.method.pop_log(getattr(self, "_diagnostics", None))
+        record = self.method.pop_log(self._diagnostics)
         self._diagnostics = None
         if self._perturbed_losses:
             record["perturbed_loss"] = float(torch.stack(self._perturbed_losses).sum())
-        self._perturbed_losses, self._clean_losses = [], []
+        self._perturbed_losses = []
         self._records.append(record)
         self._step_started = False
 

@@ -150,6 +150,9 @@ class FlatLoraTrainer(Trainer):
     ``training_step`` for the second pass (keeping gradient-accumulation scaling and
     ``num_items_in_batch``). The clean weights are copied back before the step, so gradient
     clipping, the optimizer step, checkpoints and evaluation only ever see clean weights.
+    Under gradient accumulation the perturbation is applied per micro-batch: EFlat-LoRA's EMA
+    and RWP's noise are the same for every micro-batch of a step; a two-pass method perturbs
+    each micro-batch along that micro-batch's own first-pass gradient.
 
     Args:
         method: a method name of :data:`flatlora.METHODS`.

@@ -108,8 +108,9 @@ def test_trainer_reproduces_the_plain_loop(tmp_path, name):
         assert [h["perturbed_loss"] for h in history] == pytest.approx(want_perturbed, abs=1e-5)
 
 
-@pytest.mark.parametrize("name", ["lora", "eflat-lora"])
+@pytest.mark.parametrize("name", ["lora", "eflat-lora", "rwp-lora"])
 def test_gradient_accumulation_2x8_matches_batch_16(tmp_path, name):
+    # rwp-lora: its noise is drawn once per optimizer step and held across micro-batches
     data = examples(4)
     common = dict(optim="sgd", max_steps=2)
     big, _ = run_trainer(tmp_path / "a", name, data, per_device_train_batch_size=16, **common)

@@ -320,3 +320,21 @@ def test_misuse_of_the_phases_is_refused():
         method.step()
     method.restore()
     method.step()
+
+
+def test_rwp_noise_is_held_across_micro_batches_and_redrawn_each_step():
+    _model, method = build("rwp-lora", rho=0.5, total_steps=4, seed=5)
+    method.steps_done = 2  # f_t = 1/2: noise on
+    W0 = method.pairs[0].base_weight()
+    clean = W0.detach().clone()
+
+    def noise():
+        method.perturb()
+        delta = W0.detach() - clean
+        method.restore()
+        return delta
+
+    first, second = noise(), noise()  # two micro-batches of one step
+    assert first.abs().sum() > 0 and torch.equal(first, second)
+    method.step()
+    assert not torch.equal(noise(), first)  # the next step draws afresh

@@ -35,6 +35,10 @@ class RWPLoRA(LoRAMethod):
             pair.base_weight()  # refuses quantized bases now rather than at the first step
         self.seed = seed
         self._generators: dict[str, torch.Generator] = {}
+        # Generator states at this step's first draw: later micro-batches of the same step
+        # replay them, so the noise is held across accumulation without storing it.
+        self._drawn_at: int | None = None
+        self._step_states: dict[str, torch.Tensor] = {}
 
     def noise_factor(self) -> float:
         """f_t = (1 - cos(pi t / T)) / 2."""
@@ -52,6 +56,14 @@ class RWPLoRA(LoRAMethod):
         self._log["noise_scale"] = scale
         if scale == 0:
             return []
+        for pair in self.pairs:
+            self._generator(pair.base_weight().device)
+        if self._drawn_at == self.steps_done:
+            for key, state in self._step_states.items():
+                self._generators[key].set_state(state)
+        else:
+            self._drawn_at = self.steps_done
+            self._step_states = {key: g.get_state() for key, g in self._generators.items()}
         moves = []
         for pair in self.pairs:
             W0 = pair.base_weight()
@@ -68,5 +80,6 @@ class RWPLoRA(LoRAMethod):
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         self.seed = int(extra.get("seed", self.seed))
         self._generators = {}
+        self._drawn_at, self._step_states = None, {}
         for key, state in extra.get("generators", {}).items():
             self._generator(torch.device(key)).set_state(state.cpu())

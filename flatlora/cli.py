@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import json
 import os
 import statistics
 import sys
@@ -233,13 +234,15 @@ def _demo(args: argparse.Namespace) -> int:
             progress=args.progress,
         )
         folder = out / method
-        if not args.fresh and (folder / "run.json").exists() and load_run(folder).status == "done":
-            run = load_run(folder)
-            if run.hparams != config.hparams():
-                run = train_run(config, folder, overwrite=True)
-        else:
-            run = train_run(config, folder, overwrite=True)
-        rows.append(run)
+        previous = load_run(folder) if (folder / "run.json").exists() else None
+        reusable = (
+            previous is not None
+            and not args.fresh
+            and previous.status == "done"
+            and previous.hparams == json.loads(json.dumps(config.hparams()))
+            and all(previous.info["data"].get(k) == v for k, v in config.data_spec().items())
+        )
+        rows.append(previous if reusable else train_run(config, folder, overwrite=True))
     print("| method     | test accuracy | test loss | train loss | wall time (s) |")
     print("|------------|--------------:|----------:|-----------:|--------------:|")
     for run in rows:

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import tempfile
+import uuid
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,6 +36,16 @@ STATUSES = ("running", "done", "failed")
 IDENTITY_KEYS = ("method", "hparams", "data", "model")
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp/mkdtemp create 0600/0700; atomic writes get the modes a plain open()/mkdir() would give.
+_UMASK = _read_umask()
+
+
 # ----------------------------------------------------------------------------- atomic writes
 
 
@@ -44,6 +55,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -71,27 +83,29 @@ def _jsonable(value: Any) -> Any:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON (NaN/inf as null), atomically."""
     atomic_write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")
 
 
 @contextlib.contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``path``, on error it is removed."""
+    """Yield a temporary sibling folder; on success it replaces ``path``, on any error the old ``path`` stays."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:12]}")
     try:
+        os.chmod(tmp, 0o777 & ~_UMASK)
         yield tmp
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not path.exists():
+            os.replace(old, path)  # put the previous folder back
         raise
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- writing a run
@@ -117,10 +131,18 @@ def config_of(info: dict[str, Any]) -> dict[str, Any]:
     return {key: _jsonable(info.get(key)) for key in IDENTITY_KEYS}
 
 
+def _load_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; OSError or ValueError if it is unreadable or not an object."""
+    value = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(value, dict):
+        raise ValueError(f"holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+        return _load_object(path)
+    except (OSError, ValueError) as err:
         raise FlatLoraError(f"cannot read {path} ({err}): repair or delete that run directory") from None
 
 
@@ -222,6 +244,7 @@ class RunDir:
 
     @classmethod
     def open(cls, path: str | Path) -> RunDir:
+        """An existing run directory (one that holds run.json)."""
         run = cls(path)
         if not run.run_json.is_file():
             raise FlatLoraError(f"{run.path} is not a run directory: run flatlora train --out {run.path} first")
@@ -229,17 +252,21 @@ class RunDir:
 
     @property
     def info(self) -> dict[str, Any]:
+        """run.json as a dict, read afresh."""
         return _read_json(self.run_json)
 
     def update(self, **fields: Any) -> dict[str, Any]:
+        """Merge top-level ``fields`` into run.json, stamp ``updated`` and rewrite it atomically."""
         info = {**self.info, **fields, "updated": _now()}
         atomic_write_json(self.run_json, info)
         return info
 
     def finish(self, metrics: dict[str, Any], wall_time_s: float | None = None) -> None:
+        """Mark the run done with its final metrics."""
         self.update(status="done", metrics=metrics, wall_time_s=wall_time_s, error=None)
 
     def fail(self, error: str) -> None:
+        """Mark the run failed with the error message."""
         self.update(status="failed", error=error)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
@@ -251,6 +278,7 @@ class RunDir:
             os.fsync(handle.fileno())
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """The records of metrics.jsonl (a half-written last line is ignored)."""
         return read_metrics_file(self.metrics_file)
 
     def truncate_metrics(self, after_step: int) -> None:
@@ -266,6 +294,7 @@ class RunDir:
         return target
 
     def latest_checkpoint(self) -> Path | None:
+        """The newest checkpoint/checkpoint-N folder, or None."""
         return latest_checkpoint(self.checkpoint_dir)
 
 
@@ -292,8 +321,11 @@ def read_metrics_file(path: str | Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+            records.append(record)
+        except ValueError:
             if i == len(lines) - 1:
                 break
             raise FlatLoraError(f"{path} line {i + 1} is not JSON: repair or delete the file") from None
@@ -341,6 +373,7 @@ class Run:
 
 
 def load_run(path: str | Path) -> Run:
+    """The run in ``path`` (FlatLoraError if it is not a run directory)."""
     path = Path(path)
     RunDir.open(path)
     return Run(path, _read_json(path / RUN_JSON))
@@ -356,8 +389,8 @@ def list_runs(root: str | Path, status: str | None = None) -> list[Run]:
         if any(part.startswith(".") for part in run_json.relative_to(root).parts[:-1]):
             continue  # temporary folders of atomic writes
         try:
-            run = Run(run_json.parent, json.loads(run_json.read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError) as err:
+            run = Run(run_json.parent, _load_object(run_json))
+        except (OSError, ValueError) as err:
             warnings.warn(f"skipping {run_json.parent}: unreadable run.json ({err})", stacklevel=2)
             continue
         if status is None or run.status == status:

@@ -175,3 +175,32 @@ def test_help_reads_well(capsys):
         assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "eflat-lora" in text and "--resume" in text and "--seeds" in text
+
+
+def test_demo_reuses_only_runs_of_the_same_settings(tmp_path, monkeypatch, capsys):
+    import flatlora.experiment as experiment
+
+    calls = []
+
+    def fake_train_run(config, out, **kwargs):
+        calls.append((config.method, config.shots))
+        from flatlora.runs import RunDir
+
+        run = RunDir.create(
+            out,
+            method=config.method,
+            hparams=config.hparams(),
+            data={**config.data_spec(), "sizes": {}},
+            model="m",
+            overwrite=True,
+        )
+        run.finish({"test_accuracy": 0.5, "test_loss": 1.0, "train_loss": 0.5}, wall_time_s=1.0)
+        return load_run(out)
+
+    monkeypatch.setattr(experiment, "train_run", fake_train_run)
+    argv = ["demo", "--out", str(tmp_path), "--methods", "lora", "eflat-lora", "--no-progress"]
+    assert cli.main(argv) == 0
+    assert cli.main(argv) == 0  # reused
+    assert cli.main([*argv, "--shots", "8"]) == 0  # other data: retrained
+    assert calls == [("lora", 16), ("eflat-lora", 16), ("lora", 8), ("eflat-lora", 8)]
+    assert "| eflat-lora |          50.0 |" in capsys.readouterr().out

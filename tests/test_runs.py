@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 
 import pytest
 import torch
@@ -57,6 +58,40 @@ def test_atomic_directory_leaves_the_old_folder_on_an_error(tmp_path):
     assert (target / "w").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["adapter"]
 
 
+def test_atomic_directory_puts_the_old_folder_back_when_the_swap_fails(tmp_path, monkeypatch):
+    target = tmp_path / "adapter"
+    with atomic_directory(target) as tmp:
+        (tmp / "w").write_text("old")
+    real_replace = os.replace
+
+    def fail_moving_the_new_folder_in(src, dst):
+        if str(src).endswith(".tmp"):
+            raise OSError("disk gone")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_moving_the_new_folder_in)
+    with pytest.raises(OSError, match="disk gone"), atomic_directory(target) as tmp:
+        (tmp / "w").write_text("new")
+    assert (target / "w").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_atomic_writes_get_the_modes_of_plain_writes(tmp_path):
+    def mode(path):
+        return stat.S_IMODE(path.stat().st_mode)
+
+    (tmp_path / "plain.txt").write_text("x")
+    (tmp_path / "plain").mkdir()
+    run = RunDir.create(tmp_path / "r", **CONFIG)
+    run.append_metrics({"step": 1})
+    run.truncate_metrics(1)
+    with atomic_directory(tmp_path / "adapter") as tmp:
+        (tmp / "w").write_text("x")
+    assert mode(run.run_json) == mode(run.metrics_file) == mode(tmp_path / "plain.txt")
+    assert mode(tmp_path / "adapter") == mode(tmp_path / "plain")
+
+
 def test_lifecycle_and_versions(tmp_path):
     run = RunDir.create(tmp_path / "r", **CONFIG)
     info = run.info
@@ -77,9 +112,11 @@ def test_lifecycle_and_versions(tmp_path):
         ("done", {}, "finished: pass --overwrite"),
         ("done", {"resume": True}, "finished: pass --overwrite"),
         ("failed", {}, "pass --resume"),
+        ("running", {}, "pass --resume"),
         ("other", {}, r"different run \(differs in hparams.rho\)"),
         ("other", {"resume": True}, "different run"),
         ("junk", {}, "holds no run"),
+        ("not-an-object", {"resume": True}, "not an object"),
     ],
 )
 def test_refusals_write_nothing(tmp_path, setup, kwargs, match):
@@ -87,6 +124,9 @@ def test_refusals_write_nothing(tmp_path, setup, kwargs, match):
     if setup == "junk":
         folder.mkdir()
         (folder / "notes.txt").write_text("mine")
+    elif setup == "not-an-object":
+        folder.mkdir()
+        (folder / "run.json").write_text("[]")
     else:
         run = RunDir.create(folder, **CONFIG)
         run.append_metrics({"step": 1, "loss": 0.5})
@@ -109,6 +149,23 @@ def test_overwrite_replaces_any_folder(tmp_path):
     (folder / "notes.txt").write_text("mine")
     RunDir.create(folder, overwrite=True, **CONFIG)
     assert sorted(p.name for p in folder.iterdir()) == ["run.json"]
+    done = RunDir.create(tmp_path / "done", **CONFIG)
+    done.append_metrics({"step": 1})
+    done.finish({"test_accuracy": 1.0})
+    fresh = RunDir.create(done.path, overwrite=True, **CONFIG)
+    assert fresh.info["status"] == "running" and fresh.info["metrics"] == {} and fresh.read_metrics() == []
+
+
+def test_resume_keeps_the_logged_metrics(tmp_path):
+    run = RunDir.create(tmp_path / "r", **CONFIG)
+    run.append_metrics({"step": 1, "loss": 0.5})
+    resumed = RunDir.create(
+        tmp_path / "r",
+        resume=True,
+        hparams=dict(reversed(CONFIG["hparams"].items())),
+        **{k: v for k, v in CONFIG.items() if k != "hparams"},
+    )
+    assert resumed.info["status"] == "running" and resumed.read_metrics() == [{"step": 1, "loss": 0.5}]
 
 
 def test_metrics_lines_nan_half_lines_and_truncation(tmp_path):
@@ -146,8 +203,11 @@ def test_list_runs_skips_broken_ones_and_filters(tmp_path):
         run.update(status=status)
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "run.json").write_text("{not json")
-    with pytest.warns(UserWarning, match="broken"):
+    (tmp_path / "broken-list").mkdir()
+    (tmp_path / "broken-list" / "run.json").write_text("[]")
+    with pytest.warns(UserWarning, match="broken") as caught:
         runs = list_runs(tmp_path)
+    assert sum("skipping" in str(w.message) for w in caught) == 2
     assert [r.path.relative_to(tmp_path).as_posix() for r in runs] == ["a", "b", "nested/c"]
     with pytest.warns(UserWarning):
         assert [r.path.name for r in list_runs(tmp_path, status="done")] == ["a", "c"]

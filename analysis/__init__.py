@@ -1,4 +1,62 @@
-"""Analysis of saved adapters: sharpness, Hessian spectra, balancedness, landscapes (see ANALYSIS.md).
+"""flatlora.analysis: measure how flat a LoRA adapter is. Never changes an adapter.
 
-Filled by the analysis issues; the training side lives in :mod:`flatlora`.
+Every measure takes a peft LoRA model and a :class:`ProbeSet`, evaluates through
+``torch.func.functional_call`` in eval mode, and leaves the model bit-identical.
 """
+
+from analysis.balance import BalanceResult, BalanceTrajectory, balance_trajectory, balancedness
+from analysis.ema_error import EmaErrorResult, ema_error_at_checkpoint, ema_error_series
+from analysis.guard import measuring
+from analysis.hessian import (
+    DensityResult,
+    EigenResult,
+    LayerCurvatureResult,
+    TraceResult,
+    hessian_operator,
+    hessian_trace,
+    layer_curvature,
+    spectral_density,
+    top_eigenvalues,
+)
+from analysis.loading import Target, load_model, resolve_targets
+from analysis.objective import ModelObjective, evaluate_loss
+from analysis.probe import ProbeSet
+from analysis.results import Result
+from analysis.sharpness import SharpnessResult, sharpness
+from analysis.spaces import SPACES, Space, build_space
+
+__all__ = [
+    # probe sets, spaces and evaluation
+    "SPACES",
+    "ModelObjective",
+    "ProbeSet",
+    "Space",
+    "build_space",
+    "evaluate_loss",
+    "measuring",
+    # loading runs and adapters
+    "Target",
+    "load_model",
+    "resolve_targets",
+    # measures
+    "balance_trajectory",
+    "balancedness",
+    "ema_error_at_checkpoint",
+    "ema_error_series",
+    "hessian_operator",
+    "hessian_trace",
+    "layer_curvature",
+    "sharpness",
+    "spectral_density",
+    "top_eigenvalues",
+    # results
+    "BalanceResult",
+    "BalanceTrajectory",
+    "DensityResult",
+    "EigenResult",
+    "EmaErrorResult",
+    "LayerCurvatureResult",
+    "Result",
+    "SharpnessResult",
+    "TraceResult",
+]

@@ -1,0 +1,46 @@
+"""Hessian measures: an HVP operator kept apart from the algorithms that use it."""
+
+from analysis.hessian.density import broadened_density, slq
+from analysis.hessian.lanczos import (
+    EigenEstimate,
+    eigsh_eigenvalues,
+    lanczos_eigenvalues,
+    lanczos_tridiagonal,
+    power_eigenvalues,
+)
+from analysis.hessian.measures import (
+    DensityResult,
+    EigenResult,
+    LayerCurvatureResult,
+    TraceResult,
+    hessian_operator,
+    hessian_trace,
+    layer_curvature,
+    spectral_density,
+    top_eigenvalues,
+)
+from analysis.hessian.operator import DenseOperator, HessianOperator
+from analysis.hessian.trace import hutchinson, hutchpp
+
+__all__ = [
+    "DenseOperator",
+    "DensityResult",
+    "EigenEstimate",
+    "EigenResult",
+    "HessianOperator",
+    "LayerCurvatureResult",
+    "TraceResult",
+    "broadened_density",
+    "eigsh_eigenvalues",
+    "hessian_operator",
+    "hessian_trace",
+    "hutchinson",
+    "hutchpp",
+    "lanczos_eigenvalues",
+    "lanczos_tridiagonal",
+    "layer_curvature",
+    "power_eigenvalues",
+    "slq",
+    "spectral_density",
+    "top_eigenvalues",
+]

@@ -1,0 +1,369 @@
+"""The Hessian measures on a model: top eigenvalues, trace, spectral density, per-layer curvature.
+
+Each builds a :class:`~analysis.hessian.operator.HessianOperator` on the probe set in a space
+and runs an algorithm of this package on it (or, with ``backend="pyhessian"``, the same
+quantity through the ``pyhessian`` package). The model is left bit-identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from analysis.guard import measuring
+from analysis.hessian.density import broadened_density, slq
+from analysis.hessian.lanczos import eigsh_eigenvalues, lanczos_eigenvalues, power_eigenvalues
+from analysis.hessian.operator import HessianOperator
+from analysis.hessian.trace import TRACE_METHODS, hutchinson, hutchpp
+from analysis.objective import ModelObjective
+from analysis.probe import ProbeSet
+from analysis.results import Result
+from analysis.spaces import build_space
+from flatlora.errors import FlatLoraError
+
+SOLVERS = ("lanczos", "eigsh", "power")
+BACKENDS = ("flatlora", "pyhessian")
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class EigenResult(Result):
+    """Top eigenvalues of the Hessian in a space, descending; ``hvps`` products used."""
+
+    eigenvalues: np.ndarray
+    hvps: int
+    converged: bool
+    errors: np.ndarray = field(default_factory=lambda: np.empty(0))
+    settings: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    _arrays = ("eigenvalues", "errors")
+
+    @property
+    def lambda_max(self) -> float:
+        return float(self.eigenvalues[0])
+
+
+@dataclass(frozen=True)
+class TraceResult(Result):
+    """tr(H) in a space with its standard error."""
+
+    trace: float
+    stderr: float
+    hvps: int
+    converged: bool
+    settings: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DensityResult(Result):
+    """SLQ nodes and weights (runs x steps) and the Gaussian-broadened density on ``grid``."""
+
+    nodes: np.ndarray
+    weights: np.ndarray
+    grid: np.ndarray
+    density: np.ndarray
+    sigma: float
+    hvps: int
+    settings: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    _arrays = ("nodes", "weights", "grid", "density")
+
+
+@dataclass(frozen=True)
+class LayerCurvatureResult(Result):
+    """Per layer (Hessian diagonal block): top eigenvalue and trace with its standard error."""
+
+    layers: list[str]
+    eigenvalues: np.ndarray
+    traces: np.ndarray
+    trace_stderr: np.ndarray
+    hvps: int
+    settings: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    _arrays = ("eigenvalues", "traces", "trace_stderr")
+
+
+def _check(choice: str, options: tuple[str, ...], what: str) -> None:
+    if choice not in options:
+        raise FlatLoraError(f"unknown {what} {choice!r}: use one of {', '.join(options)}")
+
+
+@contextlib.contextmanager
+def hessian_operator(
+    model: nn.Module,
+    probe: ProbeSet,
+    space: str = "lora",
+    *,
+    hvp: str = "auto",
+    device: str | torch.device | None = None,
+    groups: list[str] | None = None,
+) -> Iterator[HessianOperator]:
+    """The Hessian of the probe-set loss in ``space`` as an operator, for the body of a ``with``.
+
+    The model is in eval mode on ``device`` meanwhile, and restored (and verified) after.
+    """
+    with measuring(model, device) as dev:
+        sp = build_space(model, space)
+        if groups is not None:
+            sp = sp.restrict(groups)
+        with HessianOperator(ModelObjective(model, probe, sp, dev), hvp) as op:
+            yield op
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    return {p: metadata.version(p) for p in ("torch", "transformers", "peft") if _installed(p)}
+
+
+def _installed(package: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.version(package)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def top_eigenvalues(
+    model: nn.Module,
+    probe: ProbeSet,
+    k: int = 1,
+    space: str = "lora",
+    tol: float = 1e-3,
+    which: str = "algebraic",
+    *,
+    solver: str = "lanczos",
+    backend: str = "flatlora",
+    max_iter: int | None = None,
+    hvp: str = "auto",
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: Progress | None = None,
+) -> EigenResult:
+    """The k largest Hessian eigenvalues of the probe-set loss in ``space``.
+
+    Args:
+        model: a peft LoRA model (any model for ``space="all"``); left bit-identical.
+        probe: the probe set.
+        k: how many eigenvalues.
+        space: ``lora`` (default), ``b``, ``merged`` or ``all``.
+        tol: relative accuracy asked of each eigenvalue.
+        which: ``algebraic`` (largest values) or ``magnitude`` (largest |values|).
+        solver: ``lanczos`` (full reorthogonalisation, default), ``eigsh`` (scipy ARPACK on
+            the host) or ``power`` (PyHessian's deflated power iteration).
+        backend: ``flatlora`` or ``pyhessian`` (the package, through an adapter; power
+            iteration, largest magnitude).
+        max_iter: products cap (Lanczos, eigsh) or per eigenvalue (power).
+        hvp: ``auto``, ``autograd`` (double backward) or ``fd`` (finite differences).
+        seed: seed of the start vector.
+        device: where to measure.
+        progress: ``progress(done, total)`` callback per product.
+
+    Returns:
+        :class:`EigenResult` with ``eigenvalues`` (descending), ``hvps``, ``converged``.
+
+    Raises:
+        FlatLoraError: an unknown space, solver or backend, k larger than the space.
+    """
+    _check(solver, SOLVERS, "solver")
+    _check(backend, BACKENDS, "backend")
+    settings = {
+        "k": k,
+        "space": space,
+        "tol": tol,
+        "which": which,
+        "solver": solver,
+        "backend": backend,
+        "max_iter": max_iter,
+        "seed": seed,
+        "n_examples": probe.n_examples,
+    }
+    if backend == "pyhessian":
+        from analysis.hessian.pyhessian_backend import pyhessian_eigenvalues
+
+        est, meta = pyhessian_eigenvalues(
+            model, probe, space, k=k, tol=tol, max_iter=max_iter or 100, seed=seed, device=device
+        )
+    else:
+        with hessian_operator(model, probe, space, hvp=hvp, device=device) as op:
+            op.progress, op.budget = progress, max_iter or max(100, 4 * k + 40)
+            run = {"lanczos": lanczos_eigenvalues, "eigsh": eigsh_eigenvalues, "power": power_eigenvalues}[solver]
+            kwargs = {"max_iter": max_iter} if max_iter is not None else {}
+            est = run(op, k, which=which, tol=tol, seed=seed, **kwargs)
+            meta = {**op.meta}
+    return EigenResult(
+        est.eigenvalues,
+        est.products,
+        est.converged,
+        est.errors,
+        settings,
+        {**meta, **est.meta, "iterations": est.iterations, "versions": _versions()},
+    )
+
+
+def hessian_trace(
+    model: nn.Module,
+    probe: ProbeSet,
+    space: str = "lora",
+    *,
+    method: str = "hutch++",
+    samples: int = 99,
+    tol: float | None = None,
+    backend: str = "flatlora",
+    hvp: str = "auto",
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: Progress | None = None,
+) -> TraceResult:
+    """tr(H) of the probe-set loss in ``space`` with a standard error.
+
+    Args:
+        method: ``hutch++`` (default; ``samples`` products in all) or ``hutchinson`` (up to
+            ``samples`` probes; with ``tol``, it stops once stderr <= tol * |trace|).
+        backend: ``flatlora`` or ``pyhessian`` (its Hutchinson; its own relative-change stop
+            at ``tol``, 1e-3 by default, as PyHessian has it).
+        Others as :func:`top_eigenvalues`.
+
+    Raises:
+        FlatLoraError: an unknown space, method or backend; samples too few.
+    """
+    _check(method, TRACE_METHODS, "trace method")
+    _check(backend, BACKENDS, "backend")
+    settings = {
+        "space": space,
+        "method": method,
+        "samples": samples,
+        "tol": tol,
+        "backend": backend,
+        "seed": seed,
+        "n_examples": probe.n_examples,
+    }
+    if backend == "pyhessian":
+        from analysis.hessian.pyhessian_backend import pyhessian_trace
+
+        est, meta = pyhessian_trace(model, probe, space, samples=samples, tol=tol or 1e-3, seed=seed, device=device)
+    else:
+        with hessian_operator(model, probe, space, hvp=hvp, device=device) as op:
+            op.progress, op.budget = progress, samples
+            est = (
+                hutchpp(op, samples, seed=seed) if method == "hutch++" else hutchinson(op, samples, tol=tol, seed=seed)
+            )
+            meta = {**op.meta}
+    return TraceResult(
+        est.trace, est.stderr, est.products, est.converged, settings, {**meta, **est.meta, "versions": _versions()}
+    )
+
+
+def spectral_density(
+    model: nn.Module,
+    probe: ProbeSet,
+    space: str = "lora",
+    *,
+    steps: int = 40,
+    runs: int = 1,
+    sigma: float | None = None,
+    points: int = 512,
+    backend: str = "flatlora",
+    hvp: str = "auto",
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: Progress | None = None,
+) -> DensityResult:
+    """The Hessian's spectral density by stochastic Lanczos quadrature (``runs`` x ``steps`` products).
+
+    ``backend="pyhessian"`` is accepted and runs this implementation: PyHessian 0.1's density
+    calls ``torch.eig``, removed from torch; the result's meta says so.
+    """
+    _check(backend, BACKENDS, "backend")
+    settings = {
+        "space": space,
+        "steps": steps,
+        "runs": runs,
+        "sigma": sigma,
+        "points": points,
+        "seed": seed,
+        "n_examples": probe.n_examples,
+        "backend": backend,
+    }
+    with hessian_operator(model, probe, space, hvp=hvp, device=device) as op:
+        op.progress, op.budget = progress, steps * runs
+        quad = slq(op, steps, runs, seed=seed)
+        meta = {**op.meta}
+    grid, density, used_sigma = broadened_density(quad.nodes, quad.weights, sigma=sigma, points=points)
+    if backend == "pyhessian":
+        meta["backend_note"] = "pyhessian 0.1 density calls the removed torch.eig: computed by flatlora's SLQ"
+    return DensityResult(
+        quad.nodes,
+        quad.weights,
+        grid,
+        density,
+        used_sigma,
+        quad.products,
+        settings,
+        {**meta, **quad.meta, "versions": _versions()},
+    )
+
+
+def layer_curvature(
+    model: nn.Module,
+    probe: ProbeSet,
+    space: str = "lora",
+    *,
+    tol: float = 1e-3,
+    trace_samples: int = 30,
+    trace_method: str = "hutch++",
+    max_iter: int | None = None,
+    hvp: str = "auto",
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: Progress | None = None,
+) -> LayerCurvatureResult:
+    """Top eigenvalue and trace of each layer's diagonal Hessian block (every other layer held fixed).
+
+    Costs one eigenvalue and one trace run per layer; each product is a full backward pass.
+    """
+    _check(trace_method, TRACE_METHODS, "trace method")
+    settings = {
+        "space": space,
+        "tol": tol,
+        "trace_samples": trace_samples,
+        "trace_method": trace_method,
+        "max_iter": max_iter,
+        "seed": seed,
+        "n_examples": probe.n_examples,
+    }
+    with measuring(model, device) as dev:
+        full = build_space(model, space)
+        layers = full.groups
+        eig, tr, se = [], [], []
+        hvps = 0
+        meta: dict[str, Any] = {}
+        for i, layer in enumerate(layers):
+            with HessianOperator(ModelObjective(model, probe, full.restrict([layer]), dev), hvp) as op:
+                kwargs = {"max_iter": max_iter} if max_iter is not None else {}
+                est = lanczos_eigenvalues(op, 1, tol=tol, seed=seed, **kwargs)
+                t = (
+                    hutchpp(op, trace_samples, seed=seed)
+                    if trace_method == "hutch++"
+                    else hutchinson(op, trace_samples, seed=seed)
+                )
+                eig.append(est.eigenvalues[0])
+                tr.append(t.trace)
+                se.append(t.stderr)
+                hvps += op.n_products
+                meta = {**op.meta}
+            if progress is not None:
+                progress(i + 1, len(layers))
+    meta.pop("dim", None)
+    return LayerCurvatureResult(
+        layers, np.array(eig), np.array(tr), np.array(se), hvps, settings, {**meta, "versions": _versions()}
+    )

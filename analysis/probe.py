@@ -1,0 +1,222 @@
+"""Probe sets: the fixed batches every measure evaluates on, with exact example weighting.
+
+The loss over a probe set is the mean over its examples: a batch whose loss is a mean over
+its n_b examples enters with weight n_b / N, so an uneven last batch does not bias it. A
+custom ``loss_fn(outputs, batch)`` may return that mean (scalar) or one loss per example.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flatlora.errors import FlatLoraError
+
+Batch = dict[str, Any]
+LossFn = Callable[[Any, Batch], torch.Tensor]
+SPLITS = ("train", "dev", "test")
+
+
+def batch_size_of(batch: Batch) -> int:
+    """Examples in an HF dict batch: the length of ``labels``, else of its first tensor."""
+    labels = batch.get("labels")
+    if torch.is_tensor(labels) and labels.dim() > 0:
+        return int(labels.shape[0])
+    for value in batch.values():
+        if torch.is_tensor(value) and value.dim() > 0:
+            return int(value.shape[0])
+    raise FlatLoraError("a probe batch holds no tensor: pass HF-style dicts such as {'input_ids': ..., 'labels': ...}")
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    """Fixed HF dict batches and how their loss is taken.
+
+    Attributes:
+        batches: the batches (dicts of tensors), in order.
+        loss_fn: ``loss_fn(outputs, batch)`` -> mean loss (scalar) or per-example losses (vector);
+            None takes ``outputs.loss`` (the model's mean loss from ``labels``).
+        description: where the batches came from (run, split, n, batch size), for reports.
+    """
+
+    batches: tuple[Batch, ...]
+    loss_fn: LossFn | None = None
+    description: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.batches:
+            raise FlatLoraError("the probe set is empty: pass at least one batch (or a split with examples)")
+        for batch in self.batches:
+            if not isinstance(batch, dict):
+                raise FlatLoraError(
+                    f"a probe batch is a {type(batch).__name__}, not a dict: pass HF-style dict batches"
+                )
+            if self.loss_fn is None and "labels" not in batch:
+                raise FlatLoraError("probe batches need 'labels' for the model's loss, or pass loss_fn=")
+            batch_size_of(batch)
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_batches(
+        cls, batches: Iterable[Batch], loss_fn: LossFn | None = None, description: dict[str, Any] | None = None
+    ) -> ProbeSet:
+        """A probe set of the given dict batches (a list, a DataLoader, ...), read once.
+
+        Raises:
+            FlatLoraError: no batch, a batch that is not a dict, or no labels without ``loss_fn``.
+        """
+        batches = tuple(dict(b) for b in batches)
+        desc = {"source": "batches", **(description or {})}
+        return cls(batches, loss_fn, desc)
+
+    @classmethod
+    def from_dataset(
+        cls,
+        dataset: Sequence[Any],
+        collate_fn: Callable[[list[Any]], Batch],
+        *,
+        n: int | None = None,
+        batch_size: int = 32,
+        description: dict[str, Any] | None = None,
+    ) -> ProbeSet:
+        """The first ``n`` examples of ``dataset`` (all by default), batched by ``collate_fn``."""
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise FlatLoraError(f"n={n!r} probe examples is invalid: pass an integer >= 1, or None for all")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise FlatLoraError(f"batch_size={batch_size!r} is invalid: pass an integer >= 1")
+        count = len(dataset) if n is None else min(n, len(dataset))
+        if count == 0:
+            raise FlatLoraError("the probe set is empty: the split has no examples; choose another split")
+        examples = [dataset[i] for i in range(count)]
+        batches = [collate_fn(examples[i : i + batch_size]) for i in range(0, count, batch_size)]
+        desc = {"n": count, "batch_size": batch_size, **(description or {})}
+        return cls.from_batches(batches, description=desc)
+
+    @classmethod
+    def from_data(
+        cls,
+        data: str | Path,
+        tokenizer: Any,
+        *,
+        split: str = "train",
+        n: int | None = None,
+        batch_size: int = 32,
+        max_length: int = 128,
+        shots: int | None = None,
+        seed: int = 13,
+        test_cap: int | None = 1000,
+        text_column: str | None = None,
+        label_column: str | None = None,
+    ) -> ProbeSet:
+        """A probe set from a data spec (as ``flatlora train --data`` takes) and a tokenizer."""
+        from flatlora.data import TextClassificationCollator
+        from flatlora.experiment import TrainConfig, prepare_data
+
+        config = TrainConfig(
+            data=str(data),
+            shots=shots,
+            seed=seed,
+            test_cap=test_cap,
+            text_column=text_column,
+            label_column=label_column,
+        )
+        splits = prepare_data(config)
+        if split not in splits:
+            raise FlatLoraError(f"data {str(data)!r} has no {split!r} split (it has {', '.join(splits)}): pass --split")
+        desc = {"source": "data", "data": str(data), "split": split, "shots": shots, "seed": seed}
+        return cls.from_dataset(
+            splits[split],
+            TextClassificationCollator(tokenizer, max_length),
+            n=n,
+            batch_size=batch_size,
+            description=desc,
+        )
+
+    @classmethod
+    def from_run(
+        cls, run: str | Path | Any, split: str = "train", n: int | None = None, batch_size: int = 32
+    ) -> ProbeSet:
+        """The run's own data, rebuilt from run.json (same few-shot sample, tokenizer, max length).
+
+        Args:
+            run: a run directory (path or :class:`flatlora.runs.Run`).
+            split: ``"train"``, ``"dev"`` or ``"test"``.
+            n: the first n examples of the split; None for all of it.
+            batch_size: examples per probe batch.
+        """
+        from flatlora.models import resolve_model_path
+        from flatlora.runs import Run, load_run
+
+        run = run if isinstance(run, Run) else load_run(run)
+        if split not in SPLITS:
+            raise FlatLoraError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+        data = run.info.get("data") or {}
+        if not data.get("spec"):
+            raise FlatLoraError(f"{run.path}/run.json names no data spec: pass batches with ProbeSet.from_batches")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(run.info.get("model")))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        probe = cls.from_data(
+            data["spec"],
+            tokenizer,
+            split=split,
+            n=n,
+            batch_size=batch_size,
+            max_length=int(run.hparams.get("max_length", 128)),
+            shots=data.get("shots"),
+            seed=int(data.get("seed", 13)),
+            test_cap=data.get("test_cap"),
+            text_column=data.get("text_column"),
+            label_column=data.get("label_column"),
+        )
+        return cls(probe.batches, None, {**probe.description, "source": "run", "run": str(run.path)})
+
+    # -- use ---------------------------------------------------------------------------------
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return [batch_size_of(b) for b in self.batches]
+
+    @property
+    def n_examples(self) -> int:
+        return sum(self.batch_sizes)
+
+    def to(self, device: str | torch.device) -> ProbeSet:
+        """The same probe set with every tensor on ``device``."""
+        moved = tuple({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in self.batches)
+        return ProbeSet(moved, self.loss_fn, self.description)
+
+    def weighted_loss(self, outputs: Any, batch: Batch) -> torch.Tensor:
+        """This batch's share of the probe-set mean loss: mean_b * n_b / N (or sum of per-example / N)."""
+        if self.loss_fn is None:
+            loss = getattr(outputs, "loss", None)
+            if loss is None:
+                raise FlatLoraError("the model returned no loss for a probe batch: include 'labels' or pass loss_fn=")
+        else:
+            loss = self.loss_fn(outputs, batch)
+        if loss.dim() == 0:
+            return loss * (batch_size_of(batch) / self.n_examples)
+        return loss.sum() / self.n_examples
+
+    def fingerprint(self) -> str:
+        """A content hash of the batches (tensors' bytes and dtypes), for caches."""
+        h = hashlib.sha256()
+        for batch in self.batches:
+            for key in sorted(batch):
+                value = batch[key]
+                h.update(key.encode())
+                if torch.is_tensor(value):
+                    t = value.detach().cpu().contiguous()
+                    h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+                    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+                else:
+                    h.update(repr(value).encode())
+        return h.hexdigest()[:16]

@@ -115,18 +115,14 @@ class ProbeSet:
         label_column: str | None = None,
     ) -> ProbeSet:
         """A probe set from a data spec (as ``flatlora train --data`` takes) and a tokenizer."""
-        from flatlora.data import TextClassificationCollator
-        from flatlora.experiment import TrainConfig, prepare_data
+        from flatlora.data import TextClassificationCollator, cap_test, load_data, make_few_shot
 
-        config = TrainConfig(
-            data=str(data),
-            shots=shots,
-            seed=seed,
-            test_cap=test_cap,
-            text_column=text_column,
-            label_column=label_column,
-        )
-        splits = prepare_data(config)
+        columns = {k: v for k, v in (("text_column", text_column), ("label_column", label_column)) if v is not None}
+        splits = load_data(data, **columns)
+        if shots is not None:  # the run's few-shot sample (LM-BFF), rebuilt from its seed
+            splits = make_few_shot(splits, shots, seed, test_cap=test_cap)
+        elif "test" in splits:
+            splits = {**splits, "test": cap_test(splits["test"], test_cap)}
         if split not in splits:
             raise FlatLoraError(f"data {str(data)!r} has no {split!r} split (it has {', '.join(splits)}): pass --split")
         desc = {"source": "data", "data": str(data), "split": split, "shots": shots, "seed": seed}

@@ -327,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fresh", action="store_true", help="retrain even if finished runs are in --out")
     demo.add_argument("--no-progress", dest="progress", action="store_false")
     demo.set_defaults(func=_demo)
+    from flatlora.cli_measure import add_measure_commands
+
+    add_measure_commands(sub)
     return parser
 
 

@@ -107,3 +107,64 @@ def assert_same_state(before: dict, after: dict) -> None:
         assert torch.equal(value, value2), name
         assert (flag, dtype) == (flag2, dtype2), name
         assert (grad is None and grad2 is None) or torch.equal(grad, grad2), name
+
+
+# ----------------------------------------------------------------------------- small runs on disk
+
+REVIEW_WORDS = {0: ["awful", "bad", "boring", "dull"], 1: ["great", "good", "lovely", "fun"]}
+
+
+def write_reviews_csv(path, n: int = 60, seed: int = 0):
+    """A two-class CSV that a tiny BERT learns a little of."""
+    import random
+
+    rng = random.Random(seed)
+    rows = ["text,label"]
+    for i in range(n):
+        label = i % 2
+        rows.append(f"a {rng.choice(REVIEW_WORDS[label])} film number {i},{label}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def train_tiny_runs(
+    root, csv_file, model_dir, methods=("lora", "eflat-lora", "flat-lora"), seeds=(1,), steps=6, extra=()
+):
+    """Train tiny runs with the CLI into root/<method>-seed<seed>; eflat-lora logs Theorem 2 and a trajectory."""
+    from flatlora import cli
+
+    for method in methods:
+        for seed in seeds:
+            argv = [
+                "train",
+                "--method",
+                method,
+                "--data",
+                str(csv_file),
+                "--model",
+                str(model_dir),
+                "--shots",
+                "6",
+                "--steps",
+                str(steps),
+                "--batch-size",
+                "4",
+                "--save-every",
+                "3",
+                "--log-every",
+                "1",
+                "--trajectory-every",
+                "2",
+                "--seed",
+                str(seed),
+                "--lr",
+                "0.01",
+                "--no-progress",
+                "--out",
+                str(root / f"{method}-seed{seed}"),
+                *extra,
+            ]
+            if method == "eflat-lora":
+                argv += ["--diagnostics-every", "1"]
+            assert cli.main(argv) == 0
+    return root

@@ -1,0 +1,370 @@
+"""plotly figure builders: a result in, a ``plotly.graph_objects.Figure`` out.
+
+One set of builders serves the HTML report, the dashboard and the notebooks. No file I/O and
+no Streamlit here. Builders take result objects or their ``to_dict()`` form, and report
+entries (dicts) where several runs are compared. Grids follow the convention of
+``analysis.landscape``: ``z[i, j]`` is the value at ``(x[i], y[j])``; plotly draws
+``z[row][column]`` at ``(x[column], y[row])``, so the builders hand it ``z.T``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from analysis.results import Result
+
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf")
+
+
+def _obj(value: Any) -> Any:
+    return Result.from_dict(value) if isinstance(value, dict) and "type" in value else value
+
+
+def color_for(label: str, labels: Sequence[str]) -> str:
+    return PALETTE[list(labels).index(label) % len(PALETTE)]
+
+
+def _layout(fig: go.Figure, title: str, x: str, y: str) -> go.Figure:
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, template="plotly_white", legend_title_text="")
+    return fig
+
+
+# ----------------------------------------------------------------------------- landscapes
+
+
+def landscape_1d_figure(curves: Mapping[str, Any], title: str = "Loss along a direction") -> go.Figure:
+    """Several 1-D landscapes overlaid: one line per label, the clean point marked at t = 0."""
+    fig = go.Figure()
+    labels = list(curves)
+    for label, result in curves.items():
+        r = _obj(result)
+        color = color_for(label, labels)
+        fig.add_trace(go.Scatter(x=np.asarray(r.x), y=np.asarray(r.z), mode="lines", name=label, line={"color": color}))
+        fig.add_trace(
+            go.Scatter(
+                x=[0.0],
+                y=[r.clean_loss],
+                mode="markers",
+                showlegend=False,
+                marker={"color": color, "size": 8},
+                name=f"{label} (clean)",
+            )
+        )
+    return _layout(fig, title, "step along the direction (t)", "loss")
+
+
+def landscape_2d_figure(result: Any, title: str = "Loss landscape") -> go.Figure:
+    """Surface and contour side by side; a trajectory (if the result has one) drawn on the contour."""
+    r = _obj(result)
+    x, y, z = np.asarray(r.x), np.asarray(r.y), np.asarray(r.z)
+    fig = make_subplots(
+        rows=1, cols=2, specs=[[{"type": "surface"}, {"type": "xy"}]], subplot_titles=("surface", "contour")
+    )
+    fig.add_trace(go.Surface(x=x, y=y, z=z.T, colorscale="Viridis", showscale=False, name="loss"), row=1, col=1)
+    fig.add_trace(
+        go.Contour(
+            x=x,
+            y=y,
+            z=z.T,
+            colorscale="Viridis",
+            contours={"showlabels": True},
+            colorbar={"title": "loss"},
+            name="loss",
+        ),
+        row=1,
+        col=2,
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=[0.0],
+            y=[0.0],
+            mode="markers",
+            marker={"color": "white", "size": 9, "line": {"color": "black", "width": 1}},
+            name="adapter",
+        ),
+        row=1,
+        col=2,
+    )
+    path = getattr(r, "trajectory", None)
+    if path is not None and len(path):
+        path = np.asarray(path)
+        steps = getattr(r, "trajectory_steps", None)
+        fig.add_trace(
+            go.Scatter(
+                x=path[:, 0],
+                y=path[:, 1],
+                mode="lines+markers",
+                name="trajectory",
+                line={"color": "#d62728"},
+                text=None if steps is None else [f"step {int(s)}" for s in steps],
+            ),
+            row=1,
+            col=2,
+        )
+    xl, yl = _axis_labels(r)
+    fig.update_xaxes(title_text=xl, row=1, col=2)
+    fig.update_yaxes(title_text=yl, row=1, col=2)
+    fig.update_layout(
+        title=title, template="plotly_white", scene={"xaxis_title": xl, "yaxis_title": yl, "zaxis_title": "loss"}
+    )
+    return fig
+
+
+def _axis_labels(r: Any) -> tuple[str, str]:
+    ratio = getattr(r, "explained_variance", None)
+    if ratio is not None and len(ratio) >= 2:
+        return f"PC1 ({100 * ratio[0]:.1f}% of variance)", f"PC2 ({100 * ratio[1]:.1f}% of variance)"
+    return "direction 1 (alpha)", "direction 2 (beta)"
+
+
+# ----------------------------------------------------------------------------- curvature
+
+
+def density_figure(densities: Mapping[str, Any], title: str = "Hessian spectral density (SLQ)") -> go.Figure:
+    """Gaussian-broadened spectral densities, one line per label, on a log y axis."""
+    fig = go.Figure()
+    labels = list(densities)
+    for label, result in densities.items():
+        r = _obj(result)
+        fig.add_trace(
+            go.Scatter(
+                x=np.asarray(r.grid),
+                y=np.maximum(np.asarray(r.density), 1e-12),
+                mode="lines",
+                name=label,
+                line={"color": color_for(label, labels)},
+            )
+        )
+    fig.update_yaxes(type="log")
+    return _layout(fig, title, "eigenvalue", "density")
+
+
+def layer_bars_figure(layers: Mapping[str, Any], title: str = "Per-layer top eigenvalue") -> go.Figure:
+    """Per-layer top eigenvalue bars, one group per label."""
+    fig = go.Figure()
+    labels = list(layers)
+    for label, result in layers.items():
+        r = _obj(result)
+        names = [name.removeprefix("base_model.model.") for name in r.layers]
+        fig.add_trace(go.Bar(x=names, y=np.asarray(r.eigenvalues), name=label, marker_color=color_for(label, labels)))
+    fig.update_layout(barmode="group")
+    return _layout(fig, title, "layer", "lambda_max of the layer's Hessian block")
+
+
+# ----------------------------------------------------------------------------- report entries
+
+
+def sharpness_bars_figure(entries: Sequence[dict[str, Any]], title: str = "Sharpness (perturbed - clean loss)"):
+    """One bar group per sharpness kind and rho, one bar per run; average with its standard error."""
+    fig = go.Figure()
+    names = [e["name"] for e in entries]
+    for e in entries:
+        xs, ys, errs = [], [], []
+        for s in e.get("sharpness", []):
+            xs.append(f"{s['kind']} rho={s['rho']:g}")
+            ys.append(s["value"])
+            errs.append(s.get("stderr") or 0.0)
+        fig.add_trace(
+            go.Bar(
+                x=xs,
+                y=ys,
+                name=e["name"],
+                marker_color=color_for(e["name"], names),
+                error_y={"type": "data", "array": errs, "visible": True},
+            )
+        )
+    fig.update_layout(barmode="group")
+    return _layout(fig, title, "measure", "loss increase")
+
+
+def curvature_bars_figure(entries: Sequence[dict[str, Any]], title: str = "Hessian: lambda_max and trace"):
+    """lambda_max and tr(H) (with its standard error) per run, side by side."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("top eigenvalue", "trace"))
+    names = [e["name"] for e in entries]
+    for e in entries:
+        h = e.get("hessian", {})
+        color = color_for(e["name"], names)
+        eig = h.get("top_eigenvalues")
+        if eig:
+            fig.add_trace(
+                go.Bar(x=[e["name"]], y=[eig["eigenvalues"][0]], marker_color=color, showlegend=False, name=e["name"]),
+                row=1,
+                col=1,
+            )
+        tr = h.get("trace")
+        if tr:
+            fig.add_trace(
+                go.Bar(
+                    x=[e["name"]],
+                    y=[tr["trace"]],
+                    marker_color=color,
+                    showlegend=False,
+                    name=e["name"],
+                    error_y={"type": "data", "array": [tr["stderr"]], "visible": True},
+                ),
+                row=1,
+                col=2,
+            )
+    fig.update_layout(title=title, template="plotly_white")
+    return fig
+
+
+# ----------------------------------------------------------------------------- over training
+
+
+def history_figure(
+    histories: Mapping[str, Sequence[dict[str, Any]]],
+    key: str = "loss",
+    title: str | None = None,
+    y_title: str | None = None,
+) -> go.Figure:
+    """One logged quantity (``loss``, ``balancedness``, ``t2_rel_error``, ...) over steps, one line per run."""
+    fig = go.Figure()
+    labels = list(histories)
+    for label, records in histories.items():
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None and "step" in r]
+        if points:
+            xs, ys = zip(*points)
+            fig.add_trace(
+                go.Scatter(x=xs, y=ys, mode="lines+markers", name=label, line={"color": color_for(label, labels)})
+            )
+    return _layout(fig, title or f"{key} over training", "step", y_title or key)
+
+
+def realized_norm_figure(
+    histories: Mapping[str, Sequence[dict[str, Any]]],
+    title: str = "Realized perturbation norm ||s eps_B A|| against rho",
+) -> go.Figure:
+    """The full-space norm of each step's perturbation (solid) against that step's rho (dashed).
+
+    EFlat-LoRA applies an average of past perturbations, which is shorter than rho; the
+    hover text and the legend give the mean ratio realized / rho, so the shortfall is read off.
+    """
+    fig = go.Figure()
+    labels = list(histories)
+    for label, records in histories.items():
+        points = [
+            (r["step"], r["realized_norm"], r.get("rho"))
+            for r in records
+            if r.get("realized_norm") is not None and "step" in r
+        ]
+        if not points:
+            continue
+        steps, norms, rhos = zip(*points)
+        color = color_for(label, labels)
+        ratios = [n / r for n, r in zip(norms, rhos) if r]
+        mean_ratio = float(np.mean(ratios)) if ratios else float("nan")
+        fig.add_trace(
+            go.Scatter(
+                x=steps,
+                y=norms,
+                mode="lines+markers",
+                line={"color": color},
+                name=f"{label}: realized (mean {100 * mean_ratio:.0f}% of rho)",
+                customdata=np.array(ratios if len(ratios) == len(norms) else [np.nan] * len(norms)),
+                hovertemplate="step %{x}<br>norm %{y:.4g}<br>%{customdata:.1%} of rho",
+            )
+        )
+        if any(r is not None for r in rhos):
+            fig.add_trace(
+                go.Scatter(x=steps, y=rhos, mode="lines", line={"color": color, "dash": "dash"}, name=f"{label}: rho")
+            )
+    return _layout(fig, title, "step", "norm in the full weight space")
+
+
+def ema_error_figure(series: Mapping[str, Any], title: str = "Theorem 2: EMA vs exact Flat-LoRA perturbation"):
+    """||e_bar - eps_B|| / ||eps_B|| and the cosine over steps, one line per label."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("relative error", "cosine"))
+    labels = list(series)
+    for label, result in series.items():
+        r = _obj(result)
+        color = color_for(label, labels)
+        fig.add_trace(
+            go.Scatter(
+                x=np.asarray(r.steps),
+                y=np.asarray(r.rel_error),
+                mode="lines+markers",
+                name=label,
+                line={"color": color},
+            ),
+            row=1,
+            col=1,
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=np.asarray(r.steps),
+                y=np.asarray(r.cosine),
+                mode="lines+markers",
+                name=label,
+                line={"color": color},
+                showlegend=False,
+            ),
+            row=1,
+            col=2,
+        )
+    fig.update_xaxes(title_text="step")
+    fig.update_layout(title=title, template="plotly_white")
+    return fig
+
+
+def balance_figure(trajectories: Mapping[str, Any], title: str = "Balancedness sum ||A||^2 - ||B||^2") -> go.Figure:
+    """The summed balancedness over a run's saved trajectory, one line per label."""
+    fig = go.Figure()
+    labels = list(trajectories)
+    for label, result in trajectories.items():
+        r = _obj(result)
+        fig.add_trace(
+            go.Scatter(
+                x=np.asarray(r.steps),
+                y=np.asarray(r.total),
+                mode="lines+markers",
+                name=label,
+                line={"color": color_for(label, labels)},
+            )
+        )
+    return _layout(fig, title, "step", "||A||^2 - ||B||^2")
+
+
+# ----------------------------------------------------------------------------- correlation
+
+
+def correlation_scatter_figure(
+    source: dict[str, Any] | Sequence[dict[str, Any]],
+    measure: str | None = None,
+    target: str = "test_accuracy",
+) -> go.Figure:
+    """A measure against a generalization figure across runs, coloured by method, tau in the title.
+
+    ``source`` is a report dict or its summary rows; ``measure`` defaults to the first measure
+    column (a sharpness figure).
+    """
+    from analysis.correlation import correlate, measure_columns
+    from analysis.report.render import summary_rows
+
+    rows = summary_rows(source) if isinstance(source, dict) else list(source)
+    measure = measure or next(iter(measure_columns(rows)), None)
+    fig = go.Figure()
+    usable = [r for r in rows if r.get(measure) is not None and r.get(target) is not None]
+    methods = list(dict.fromkeys(r.get("method") or "adapter" for r in usable))
+    for method in methods:
+        pts = [r for r in usable if (r.get("method") or "adapter") == method]
+        fig.add_trace(
+            go.Scatter(
+                x=[r[measure] for r in pts],
+                y=[r[target] for r in pts],
+                mode="markers",
+                name=method,
+                text=[r["name"] for r in pts],
+                marker={"size": 10, "color": color_for(method, methods)},
+            )
+        )
+    title = f"{target} vs {measure}"
+    if len(usable) >= 3:
+        c = correlate(usable, measure, target, n_resamples=200)
+        title += f" (Kendall tau = {c.kendall['value']:.2f}, granulated Psi = {c.granulated['value']:.2f})"
+    return _layout(fig, title, measure, target)

@@ -1,0 +1,159 @@
+"""``flatlora report``: measure many adapters into report.json/.csv/.md/.html, sharded and resumable.
+
+Targets are validated before anything is written (each adapter readable, fitting its base
+model, with a probe set), then measured one by one with every measure cached in
+``OUT/cache/``. With ``shard=(i, n)`` a process measures every n-th target (from the i-th) and
+writes ``report.shard-i-of-n.json``; :func:`merge_shards` joins the n shards into the report.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from analysis.loading import Target, resolve_targets
+from analysis.report.measure import Cache, ProgressFactory, build_probe, measure_target
+from analysis.report.settings import ReportSettings
+from flatlora.errors import FlatLoraError
+
+REPORT_FORMAT = 1
+SHARD_GLOB = "report.shard-*-of-*.json"
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"i/n"`` (1 <= i <= n) as (i, n); None stays None."""
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise FlatLoraError(f"--shard takes i/n with whole numbers, got {text!r}: for example --shard 1/2") from None
+    if not 1 <= i <= n:
+        raise FlatLoraError(f"--shard {text}: i must lie in 1..n")
+    return i, n
+
+
+def _shard_of(targets: list[Target], shard: tuple[int, int] | None) -> list[Target]:
+    if shard is None:
+        return targets
+    i, n = shard
+    ordered = sorted(targets, key=lambda t: str(t.path))
+    return ordered[i - 1 :: n]
+
+
+def validate_targets(targets: list[Target], settings: ReportSettings, base_model, data, device) -> None:
+    """Load each adapter on its base model and build its probe set once, so bad input fails before any write."""
+    from analysis.loading import load_model
+    from analysis.spaces import build_space
+
+    for target in targets:
+        model, tokenizer = load_model(target, base_model, device="cpu")
+        dim = build_space(model, settings.eig_space).dim
+        if settings.eig_k > dim:
+            raise FlatLoraError(
+                f"eig_k={settings.eig_k} is larger than the {settings.eig_space} space of "
+                f"{target.path} ({dim} dimensions): ask for at most {dim}"
+            )
+        lazy = type("Lazy", (), {"_tokenizer": tokenizer})()
+        build_probe(target, settings, data, base_model, lazy)
+        del model
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def build_report(
+    paths: list[str | Path],
+    out: str | Path,
+    settings: ReportSettings,
+    *,
+    base_model: str | None = None,
+    data: str | None = None,
+    shard: tuple[int, int] | None = None,
+    device=None,
+    progress: ProgressFactory | None = None,
+    targets_progress=None,
+) -> dict[str, Any]:
+    """Measure the adapters in ``paths`` and write the report (or this shard's part) into ``out``.
+
+    Args:
+        paths: run directories, adapter folders, or folders of runs.
+        out: the report folder (report.json, .csv, .md, .html, cache/).
+        settings: what to measure (:data:`analysis.report.PRESETS`).
+        base_model, data: for bare adapters (and to override a run's data).
+        shard: (i, n) to measure every n-th target only; join with :func:`merge_shards`.
+        progress: factory of ``(done, total)`` callbacks per measure, by label.
+        targets_progress: wraps the list of targets (tqdm).
+
+    Returns:
+        The report dict (or the shard's).
+
+    Raises:
+        FlatLoraError: bad paths, adapters, base model, data or settings; nothing is written then.
+    """
+    targets = resolve_targets(paths)
+    mine = _shard_of(targets, shard)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FlatLoraError(f"--out {out} is a file: choose a folder for the report")
+    cache = Cache(out / "cache")
+    validate_targets(mine, settings, base_model, data, device)
+    entries = []
+    for target in targets_progress(mine) if targets_progress is not None else mine:
+        entries.append(
+            measure_target(target, settings, cache, base_model=base_model, data=data, device=device, progress=progress)
+        )
+    report = {
+        "format": REPORT_FORMAT,
+        "created": _now(),
+        "settings": settings.to_dict(),
+        "base_model": base_model,
+        "data": data,
+        "targets": [str(t.path) for t in targets],
+        "entries": entries,
+    }
+    if shard is not None:
+        from flatlora.runs import atomic_write_json
+
+        report["shard"] = list(shard)
+        atomic_write_json(out / f"report.shard-{shard[0]}-of-{shard[1]}.json", report)
+        return report
+    _finish(report, out)
+    return report
+
+
+def merge_shards(out: str | Path) -> dict[str, Any]:
+    """Join ``report.shard-i-of-n.json`` files in ``out`` into the report (all n shards needed)."""
+    out = Path(out)
+    files = sorted(out.glob(SHARD_GLOB))
+    if not files:
+        raise FlatLoraError(f"{out} holds no report shards: run flatlora report --shard i/n --out {out} first")
+    shards = [json.loads(f.read_text(encoding="utf-8")) for f in files]
+    counts = {tuple(s["shard"])[1] for s in shards}
+    if len(counts) != 1:
+        raise FlatLoraError(f"{out} mixes shards of different splits ({sorted(counts)}): remove the stale ones")
+    n = counts.pop()
+    have = sorted(s["shard"][0] for s in shards)
+    if have != list(range(1, n + 1)):
+        missing = sorted(set(range(1, n + 1)) - set(have))
+        raise FlatLoraError(f"shards {missing} of {n} are missing in {out}: run them with --shard i/{n}")
+    first = shards[0]
+    for s in shards[1:]:
+        if s["settings"] != first["settings"] or s["targets"] != first["targets"]:
+            raise FlatLoraError("the shards were made with different settings or targets: rerun them alike")
+    by_path = {e["path"]: e for s in shards for e in s["entries"]}
+    report = {k: v for k, v in first.items() if k != "shard"}
+    report["entries"] = [by_path[p] for p in first["targets"] if p in by_path]
+    report["created"] = _now()
+    _finish(report, out)
+    return report
+
+
+def _finish(report: dict[str, Any], out: Path) -> None:
+    """Add the cross-run sections and write report.json, .csv, .md and .html atomically."""
+    from analysis.report.render import write_report_files
+
+    write_report_files(report, out)

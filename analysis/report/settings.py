@@ -1,0 +1,130 @@
+"""What a report measures and on what: one frozen settings object, with the quick/default/full presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from analysis.sharpness import KINDS
+from analysis.spaces import SPACES
+from flatlora.errors import FlatLoraError
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """Every setting of a report; validated on creation (one clear line per mistake).
+
+    Attributes:
+        split, n, batch_size: the probe set (the first n examples of the run's split).
+        rhos, kinds, space, worst_steps, average_samples: sharpness (every kind at every rho).
+        eig_k, eig_tol, eig_space: top Hessian eigenvalues (Lanczos).
+        trace_samples: Hutch++ products for tr(H) (0: skip).
+        density_steps, density_runs: SLQ spectral density (0 steps: skip).
+        layers: per-layer top eigenvalue and trace.
+        ema_checkpoint: recompute the Theorem-2 error at the latest checkpoint of eflat-lora runs.
+        seed: of every random draw.
+    """
+
+    preset: str = "default"
+    split: str = "train"
+    n: int | None = 64
+    batch_size: int = 32
+    rhos: tuple[float, ...] = (0.05,)
+    kinds: tuple[str, ...] = ("sam", "worst", "average", "flat-lora")
+    space: str = "merged"
+    worst_steps: int = 10
+    average_samples: int = 10
+    eig_k: int = 3
+    eig_tol: float = 1e-3
+    eig_space: str = "lora"
+    trace_samples: int = 30
+    density_steps: int = 0
+    density_runs: int = 1
+    layers: bool = False
+    ema_checkpoint: bool = True
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.split not in ("train", "dev", "test"):
+            raise FlatLoraError(f"unknown split {self.split!r}: use train, dev or test")
+        if self.n is not None and (isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1):
+            raise FlatLoraError(f"--n must be a whole number >= 1 (or omitted for the whole split), got {self.n!r}")
+        for rho in self.rhos:
+            if not (isinstance(rho, (int, float)) and rho > 0 and math.isfinite(rho)):
+                raise FlatLoraError(f"rho must be a finite number > 0, got {rho!r}: pass positive radii to --rho")
+        unknown = [k for k in self.kinds if k not in KINDS]
+        if unknown:
+            raise FlatLoraError(f"unknown sharpness kind {unknown[0]!r}: use one of {', '.join(KINDS)}")
+        for name in (self.space, self.eig_space):
+            if name not in SPACES:
+                raise FlatLoraError(f"unknown space {name!r}: use one of {', '.join(SPACES)}")
+        for name in ("batch_size", "worst_steps", "average_samples", "eig_k", "density_runs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise FlatLoraError(f"{name} must be a whole number >= 1, got {value!r}")
+        if self.average_samples < 2:
+            raise FlatLoraError("average_samples must be >= 2 (a standard error needs two draws)")
+        if self.trace_samples and self.trace_samples < 6:
+            raise FlatLoraError(f"trace_samples must be 0 (skip) or >= 6, got {self.trace_samples}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["rhos"], out["kinds"] = list(self.rhos), list(self.kinds)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReportSettings:
+        data = dict(data)
+        data["rhos"], data["kinds"] = tuple(data.get("rhos", ())), tuple(data.get("kinds", ()))
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+    def probe_key(self) -> dict[str, Any]:
+        return {"split": self.split, "n": self.n, "batch_size": self.batch_size}
+
+
+PRESETS: dict[str, ReportSettings] = {
+    "quick": ReportSettings(
+        preset="quick",
+        n=32,
+        kinds=("sam", "worst", "average", "flat-lora"),
+        worst_steps=5,
+        average_samples=5,
+        eig_k=1,
+        eig_tol=1e-2,
+        trace_samples=12,
+        density_steps=0,
+        layers=False,
+    ),
+    "default": ReportSettings(),
+    "full": ReportSettings(
+        preset="full",
+        n=128,
+        worst_steps=20,
+        average_samples=20,
+        eig_k=5,
+        eig_tol=1e-3,
+        trace_samples=60,
+        density_steps=40,
+        density_runs=2,
+        layers=True,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> ReportSettings:
+    """A preset (``quick``, ``default``, ``full``) with some settings replaced."""
+    if name not in PRESETS:
+        raise FlatLoraError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def cache_key(*parts: Any) -> str:
+    """A stable hash of JSON-able parts (adapter hash, measure name, settings, probe)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]

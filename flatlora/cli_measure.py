@@ -1,0 +1,174 @@
+"""The measuring commands of the CLI: ``flatlora report`` (and, with the analysis issues, more).
+
+``analysis`` is imported inside the commands only: the training half never depends on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+from flatlora.errors import FlatLoraError
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _optional_n(text: str) -> int | None:
+    return None if text.lower() in ("all", "none") else int(text)
+
+
+class ProgressBars:
+    """A tqdm bar per labelled task, for ``progress(done, total)`` callbacks; silent when disabled."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __call__(self, label: str):
+        if not self.enabled:
+            return None
+        from tqdm.auto import tqdm
+
+        state: dict[str, Any] = {}
+
+        def update(done: int, total: int) -> None:
+            bar = state.get("bar")
+            if bar is None:
+                bar = state["bar"] = tqdm(total=total, desc=label, unit="step", leave=False, file=sys.stderr)
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+            if done >= total:
+                bar.close()
+
+        return update
+
+    def iterate(self, items: list, desc: str):
+        if not self.enabled:
+            return items
+        from tqdm.auto import tqdm
+
+        return tqdm(items, desc=desc, unit="adapter", file=sys.stderr)
+
+
+def quiet_transformers() -> None:
+    """No weight-loading bars or load reports from transformers: the command shows its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _report(args: argparse.Namespace) -> int:
+    from analysis.report import build_report, merge_shards, parse_shard, preset, summary_rows
+
+    quiet_transformers()
+
+    if args.merge:
+        report = merge_shards(args.out)
+    else:
+        if not args.paths:
+            raise FlatLoraError("name at least one run directory, adapter folder or folder of runs (or pass --merge)")
+        name = "quick" if args.quick else "full" if args.full else "default"
+        settings = preset(
+            name,
+            split=args.split,
+            batch_size=args.batch_size,
+            rhos=tuple(args.rho) if args.rho else None,
+            kinds=tuple(args.kinds.split(",")) if args.kinds else None,
+            space=args.space,
+            eig_k=args.eig_k,
+            eig_space=args.eig_space,
+            trace_samples=args.trace_samples,
+            density_steps=args.density_steps,
+            layers=True if args.layers else None,
+            seed=args.seed,
+        )
+        if args.n != -1:  # "all" gives None, which the preset call would read as "not given"
+            settings = dataclasses.replace(settings, n=args.n)
+        bars = ProgressBars(args.progress)
+        shard = parse_shard(args.shard)
+        report = build_report(
+            args.paths,
+            args.out,
+            settings,
+            base_model=args.base_model,
+            data=args.data,
+            shard=shard,
+            device=args.device,
+            progress=bars,
+            targets_progress=lambda items: bars.iterate(items, "adapters"),
+        )
+        if shard is not None:
+            print(
+                f"shard {shard[0]}/{shard[1]}: {len(report['entries'])} adapter(s) measured; "
+                f"join the shards with: flatlora report --merge --out {args.out}"
+            )
+            return 0
+    _print_table(summary_rows(report))
+    print(f"report: {Path(args.out) / 'report.html'} (also report.json, report.csv, report.md)")
+    return 0
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    keep = (
+        ["name", "method", "test_accuracy", "gap"]
+        + [k for k in rows[0] if k.startswith("sharpness_")]
+        + ["lambda_max", "trace", "balancedness"]
+    )
+    cols = [c for c in keep if any(c in r for r in rows)]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "|".join("---" for _ in cols) + "|")
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v))
+        print("| " + " | ".join(cells) + " |")
+
+
+def add_measure_commands(sub: argparse._SubParsersAction) -> None:
+    """Register ``report`` on the CLI's subcommands."""
+    report = sub.add_parser(
+        "report",
+        help="measure saved adapters: sharpness, Hessian, balancedness, Theorem-2 error -> JSON/CSV/MD/HTML",
+        description="Measure run directories or bare peft adapter folders (folders of runs are expanded) and "
+        "write report.json, report.csv, report.md and a self-contained report.html into --out. Every measure is "
+        "cached per (adapter content, settings), so an interrupted report resumes; --shard i/n splits the "
+        "adapters across processes and --merge joins the shards.",
+    )
+    report.add_argument("paths", nargs="*", help="run directories, adapter folders, or folders of runs")
+    report.add_argument("--out", required=True, help="report folder")
+    report.add_argument("--base-model", help="base model of bare adapters (HF id or folder; default: the adapter's)")
+    report.add_argument("--data", help="data to measure on (as train --data); default: each run's own data")
+    size = report.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="the quick preset (README: costs)")
+    size.add_argument("--full", action="store_true", help="the full preset: + spectral density and per-layer curvature")
+    report.add_argument(
+        "--split", default="train", choices=["train", "dev", "test"], help="probe split (default train)"
+    )
+    report.add_argument("--n", type=_optional_n, default=-1, help="probe examples, or 'all' (default: the preset's)")
+    report.add_argument("--batch-size", type=int, default=32, help="probe batch size (default 32)")
+    report.add_argument("--rho", type=_floats, help="sharpness radii, comma-separated (default 0.05)")
+    report.add_argument("--kinds", help="sharpness kinds, comma-separated (default sam,worst,average,flat-lora)")
+    report.add_argument("--space", default=None, help="sharpness space: merged (default), lora, b, all")
+    report.add_argument("--eig-k", type=int, default=None, help="top Hessian eigenvalues (default: the preset's)")
+    report.add_argument("--eig-space", default=None, help="Hessian space: lora (default), b, merged, all")
+    report.add_argument("--trace-samples", type=int, default=None, help="Hutch++ products for the trace (0: skip)")
+    report.add_argument("--density-steps", type=int, default=None, help="SLQ Lanczos steps for the density (0: skip)")
+    report.add_argument("--layers", action="store_true", help="per-layer top eigenvalue and trace")
+    report.add_argument("--seed", type=int, default=None, help="seed of every random draw (default 0)")
+    report.add_argument("--shard", help="i/n: measure every n-th adapter, starting at the i-th")
+    report.add_argument("--merge", action="store_true", help="join the shards in --out into the report")
+    report.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    report.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    report.set_defaults(func=_report)

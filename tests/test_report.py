@@ -1,0 +1,204 @@
+"""`flatlora report` and the run-based measures: runs folders, bare adapters, resume, shards, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from analysis_fixtures import train_tiny_runs, write_reviews_csv
+
+from analysis import (
+    ProbeSet,
+    balance_trajectory,
+    balancedness,
+    ema_error_at_checkpoint,
+    ema_error_series,
+    evaluate_loss,
+    load_model,
+)
+from flatlora import FlatLoraError, cli
+from flatlora.models import save_tiny_text_model
+from flatlora.runs import load_run
+
+QUICK = ["--quick", "--n", "8", "--batch-size", "4", "--no-progress"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_text_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def csv_file(tmp_path_factory):
+    return write_reviews_csv(tmp_path_factory.mktemp("data") / "reviews.csv")
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory, csv_file, tiny_model_dir):
+    return train_tiny_runs(tmp_path_factory.mktemp("runs"), csv_file, tiny_model_dir)
+
+
+def entries_without_timing(report_json: Path) -> list[dict]:
+    report = json.loads(report_json.read_text())
+    return [{k: v for k, v in e.items() if k != "timing"} for e in report["entries"]]
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return (
+        {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+        if root.exists()
+        else {}
+    )
+
+
+def test_probe_set_from_a_run_rebuilds_its_own_data(runs):
+    run = load_run(runs / "lora-seed1")
+    probe = ProbeSet.from_run(run, "train", batch_size=5)
+    assert probe.n_examples == run.info["data"]["sizes"]["train"] == 12
+    assert probe.batch_sizes == [5, 5, 2]
+    model, _ = load_model(runs / "lora-seed1", device="cpu")
+    assert evaluate_loss(model, probe) == pytest.approx(run.final["train_loss"], rel=1e-5)
+    test = ProbeSet.from_run(run, "test", n=5)
+    assert test.n_examples == 5
+
+
+def test_balancedness_from_the_adapter_folder_alone_matches_the_model(runs):
+    run = runs / "eflat-lora-seed1"
+    from_folder = balancedness(run / "adapter")
+    model, _ = load_model(run, device="cpu")
+    from_model = balancedness(model)
+    assert from_folder.layers == from_model.layers
+    np.testing.assert_allclose(from_folder.per_layer, from_model.per_layer, rtol=1e-12)
+    trajectory = balance_trajectory(run)
+    assert list(trajectory.steps) == [2, 4, 6]
+    assert trajectory.total[-1] == pytest.approx(from_folder.total)
+
+
+def test_theorem2_series_from_the_log_and_recomputed_at_the_checkpoint(runs):
+    run = runs / "eflat-lora-seed1"
+    series = ema_error_series(run)
+    assert list(series.steps) == [1, 2, 3, 4, 5, 6]
+    assert np.all(np.isfinite(series.rel_error[1:]))
+    at = ema_error_at_checkpoint(run)
+    assert at.source == "checkpoint" and at.steps[0] == 6
+    assert np.isfinite(at.rel_error[0]) and -1 <= at.cosine[0] <= 1
+    with pytest.raises(FlatLoraError, match="eflat-lora runs only"):
+        ema_error_series(runs / "lora-seed1")
+
+
+def test_report_on_a_runs_folder_writes_every_file(runs, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert cli.main(["report", str(runs), "--out", str(out), *QUICK]) == 0
+    report = json.loads((out / "report.json").read_text())
+    names = [e["name"] for e in report["entries"]]
+    assert names == ["eflat-lora-seed1", "flat-lora-seed1", "lora-seed1"]
+    for e in report["entries"]:
+        kinds = {s["kind"] for s in e["sharpness"]}
+        assert kinds == {"sam", "worst", "average", "flat-lora"}
+        assert e["hessian"]["top_eigenvalues"]["hvps"] > 0 and "trace" in e["hessian"]
+        assert e["balancedness"]["total"] == pytest.approx(balancedness(Path(e["path"]) / "adapter").total)
+        assert e["metrics"]["test_accuracy"] == load_run(e["path"]).final["test_accuracy"]
+        worst = next(s for s in e["sharpness"] if s["kind"] == "worst")
+        sam = next(s for s in e["sharpness"] if s["kind"] == "sam")
+        assert worst["value"] >= sam["value"]
+    eflat = report["entries"][0]
+    assert eflat["ema_error"]["log"]["source"] == "log" and eflat["ema_error"]["checkpoint"]["source"] == "checkpoint"
+    csv_lines = (out / "report.csv").read_text().splitlines()
+    assert len(csv_lines) == 4 and "lambda_max" in csv_lines[0]
+    assert "| eflat-lora-seed1 |" in (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    assert page.count("plotly.js") >= 1 and "Sharpness" in page and "<script" in page
+    assert "report.html" in capsys.readouterr().out
+
+
+def test_report_on_a_bare_adapter_with_base_model_and_data(runs, tmp_path, csv_file, tiny_model_dir):
+    adapter = tmp_path / "downloaded-adapter"
+    shutil.copytree(runs / "lora-seed1" / "adapter", adapter)
+    out = tmp_path / "report"
+    argv = ["report", str(adapter), "--base-model", str(tiny_model_dir), "--data", str(csv_file), "--out", str(out)]
+    assert cli.main([*argv, *QUICK]) == 0
+    [entry] = json.loads((out / "report.json").read_text())["entries"]
+    assert entry["kind"] == "adapter" and entry["method"] is None
+    # The same adapter measured as a run on the same probe data gives the same sharpness.
+    run_out = tmp_path / "as-run"
+    argv = ["report", str(runs / "lora-seed1"), "--data", str(csv_file), "--out", str(run_out)]
+    assert cli.main([*argv, *QUICK]) == 0
+    [as_run] = json.loads((run_out / "report.json").read_text())["entries"]
+    assert [s["value"] for s in entry["sharpness"]] == pytest.approx([s["value"] for s in as_run["sharpness"]])
+
+
+def test_sharded_two_ways_then_merged_equals_the_unsharded_report(runs, tmp_path):
+    whole = tmp_path / "whole"
+    assert cli.main(["report", str(runs), "--out", str(whole), *QUICK]) == 0
+    sharded = tmp_path / "sharded"
+    for i in (1, 2):
+        assert cli.main(["report", str(runs), "--out", str(sharded), "--shard", f"{i}/2", *QUICK]) == 0
+    assert not (sharded / "report.json").exists()
+    assert cli.main(["report", "--merge", "--out", str(sharded), "--no-progress"]) == 0
+    assert entries_without_timing(sharded / "report.json") == entries_without_timing(whole / "report.json")
+
+
+def test_a_killed_report_resumes_from_its_cache(runs, tmp_path):
+    out = tmp_path / "report"
+    cmd = [sys.executable, "-m", "flatlora.cli", "report", str(runs), "--out", str(out), *QUICK]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "cache").glob("*.json"))) < 4:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    cached = {p.name: p.stat().st_mtime_ns for p in (out / "cache").glob("*.json")}
+    assert len(cached) >= 4 and not (out / "report.json").exists()
+    assert not list((out / "cache").glob(".*.tmp"))  # atomic writes leave no half file
+    assert cli.main(["report", str(runs), "--out", str(out), *QUICK]) == 0
+    for name, mtime in cached.items():  # reused, not recomputed
+        assert (out / "cache" / name).stat().st_mtime_ns == mtime
+    fresh = tmp_path / "fresh"
+    assert cli.main(["report", str(runs), "--out", str(fresh), *QUICK]) == 0
+    assert entries_without_timing(out / "report.json") == entries_without_timing(fresh / "report.json")
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(runs, tmp_path, tiny_model_dir, csv_file, capsys):
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(runs / "lora-seed1" / "adapter", corrupt)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    other_base = save_tiny_text_model(tmp_path / "wider-bert", num_labels=2, seed=1)
+    config = json.loads((Path(other_base) / "config.json").read_text())
+    config["hidden_size"], config["intermediate_size"] = 48, 96
+    (Path(other_base) / "config.json").write_text(json.dumps(config))
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    BertForSequenceClassification(
+        BertConfig(**{k: v for k, v in config.items() if k != "architectures"})
+    ).save_pretrained(other_base)
+    no_run = tmp_path / "not-a-run"
+    no_run.mkdir()
+    (no_run / "metrics.jsonl").write_text("{}\n")
+    cases = [
+        ([str(tmp_path / "missing-adapter")], "does not exist"),
+        ([str(corrupt), "--base-model", str(tiny_model_dir), "--data", str(csv_file)], "damaged"),
+        ([str(runs / "lora-seed1" / "adapter"), "--base-model", other_base, "--data", str(csv_file)], "does not fit"),
+        ([str(no_run)], "holds no run"),
+        ([str(runs / "lora-seed1"), "--rho", "0"], "rho must be"),
+        ([str(runs / "lora-seed1"), "--rho", "-0.1"], "rho must be"),
+        ([str(runs / "lora-seed1"), "--n", "0"], "--n must be"),
+        ([str(runs / "lora-seed1"), "--eig-k", "100000"], "larger than"),
+        ([str(runs / "lora-seed1" / "adapter")], "bare adapter"),
+    ]
+    del torch
+    for extra, match in cases:
+        out = tmp_path / "out"
+        assert cli.main(["report", *extra, "--out", str(out), "--no-progress", "--quick"]) == 2, match
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("flatlora: error:") and "\n" not in err, err
+        assert match in err, err
+        assert snapshot(out) == {}, match

@@ -5,6 +5,7 @@ Every measure takes a peft LoRA model and a :class:`ProbeSet`, evaluates through
 """
 
 from analysis.balance import BalanceResult, BalanceTrajectory, balance_trajectory, balancedness
+from analysis.correlation import CorrelationResult, correlate, correlation_table, granulated_kendall
 from analysis.ema_error import EmaErrorResult, ema_error_at_checkpoint, ema_error_series
 from analysis.guard import measuring
 from analysis.hessian import (
@@ -18,6 +19,7 @@ from analysis.hessian import (
     spectral_density,
     top_eigenvalues,
 )
+from analysis.landscape import LandscapeResult, interpolate, landscape_1d, landscape_2d
 from analysis.loading import Target, load_model, resolve_targets
 from analysis.objective import ModelObjective, evaluate_loss
 from analysis.probe import ProbeSet
@@ -49,12 +51,22 @@ __all__ = [
     "sharpness",
     "spectral_density",
     "top_eigenvalues",
+    # landscapes
+    "interpolate",
+    "landscape_1d",
+    "landscape_2d",
+    # sharpness vs generalization
+    "correlate",
+    "correlation_table",
+    "granulated_kendall",
     # results
     "BalanceResult",
     "BalanceTrajectory",
+    "CorrelationResult",
     "DensityResult",
     "EigenResult",
     "EmaErrorResult",
+    "LandscapeResult",
     "LayerCurvatureResult",
     "Result",
     "SharpnessResult",

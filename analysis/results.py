@@ -8,6 +8,8 @@ results do), so they serialize to JSON, cache by settings and pass through
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from typing import Any, ClassVar
 
@@ -86,3 +88,9 @@ def _is_float_field(cls: type, name: str) -> bool:
         if f.name == name:
             return f.type in ("float", float)
     return False
+
+
+def cache_key(*parts: Any) -> str:
+    """A stable hash of JSON-able parts (adapter hash, measure name, settings, probe), for caches."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]

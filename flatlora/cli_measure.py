@@ -93,8 +93,11 @@ def _report(args: argparse.Namespace) -> int:
         )
         if args.n != -1:  # "all" gives None, which the preset call would read as "not given"
             settings = dataclasses.replace(settings, n=args.n)
-        bars = ProgressBars(args.progress)
         shard = parse_shard(args.shard)
+        if shard is None:
+            _init_distributed()  # under torchrun, the ranks split the adapters and rank 0 writes
+        rank = _rank()
+        bars = ProgressBars(args.progress and rank == 0)
         report = build_report(
             args.paths,
             args.out,
@@ -136,8 +139,138 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
+def _init_distributed() -> None:
+    """Join the process group torchrun / accelerate launch set up (gloo on CPU, nccl on GPU)."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def landscape_key(run, kind: str, settings: dict[str, Any], other: str | None) -> dict[str, Any]:
+    """What identifies a saved landscape: the adapter(s), the kind, its settings, the probe."""
+    from analysis.loading import adapter_hash
+
+    parts = {"adapter": adapter_hash(run.adapter_path), "kind": kind, **settings}
+    if other is not None:
+        parts["other"] = adapter_hash(other)
+    return parts
+
+
+def _landscape(args: argparse.Namespace) -> int:
+    import os
+
+    from analysis.landscape import cached_landscape, interpolate, landscape_1d, landscape_2d, symmetric_grid
+    from analysis.loading import Target, load_model
+    from analysis.probe import ProbeSet
+    from flatlora.runs import load_run
+
+    quiet_transformers()
+    run = load_run(args.run)
+    if run.adapter_path is None:
+        raise FlatLoraError(f"run {run.path} has no saved adapter (status {run.status!r}): let it finish first")
+    symmetric_grid(args.steps, args.span if args.span is not None else 1.0)
+    other = None
+    if args.between is not None:
+        from analysis.loading import resolve_targets
+
+        [target] = resolve_targets([args.between])
+        other = target.adapter
+    kind = "interpolation" if (args.between or args.from_base) else "pca" if args.pca else "2d" if args.two_d else "1d"
+    if args.pca:
+        from analysis.landscape.directions import trajectory_folders
+
+        trajectory_folders(run.path)
+    model, _ = load_model(Target("run", run.path, run.adapter_path), device=args.device)
+    if other is not None:
+        from analysis.landscape.directions import adapter_tensors
+
+        adapter_tensors(model, other)  # refuses an adapter of another base model before any work
+    probe = ProbeSet.from_run(run, args.split, n=args.n, batch_size=args.batch_size)
+    _init_distributed()
+    rank = int(os.environ.get("RANK", "0"))
+    bars = ProgressBars(args.progress and rank == 0)
+    settings = {
+        "steps": args.steps,
+        "span": args.span,
+        "space": args.space,
+        "seed": args.seed,
+        "split": args.split,
+        "n": args.n,
+        "batch_size": args.batch_size,
+    }
+    progress = bars(f"{run.path.name}: {kind} landscape")
+
+    def compute():
+        if kind == "1d":
+            return landscape_1d(
+                model,
+                probe,
+                steps=args.steps,
+                span=args.span or 1.0,
+                space=args.space,
+                seed=args.seed,
+                progress=progress,
+            )
+        if kind in ("2d", "pca"):
+            return landscape_2d(
+                model,
+                probe,
+                steps=args.steps,
+                span=args.span,
+                space=args.space,
+                seed=args.seed,
+                pca=run.path if args.pca else None,
+                progress=progress,
+            )
+        return interpolate(model, probe, other, steps=args.steps, progress=progress)
+
+    folder = run.path / "analysis"
+    result, reused = cached_landscape(folder, landscape_key(run, kind, settings, other), compute, write=rank == 0)
+    if rank == 0:
+        z = result.z
+        print(
+            f"{run.path}: {kind} landscape {'reused' if reused else 'computed'} ({z.size} points): clean loss "
+            f"{result.clean_loss:.4f}, min {z.min():.4f}, max {z.max():.4f}; saved in {folder}"
+        )
+    return 0
+
+
 def add_measure_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``report`` on the CLI's subcommands."""
+    """Register ``report`` and ``landscape`` on the CLI's subcommands."""
+    land = sub.add_parser(
+        "landscape",
+        help="loss landscape of a run: 1-D, 2-D, trajectory PCA, or between two adapters",
+        description="Evaluate the loss of a run's adapter on a grid (one forward pass over the probe set per point) "
+        "and save it (NPZ + JSON) in RUN/analysis/, where a later call with the same settings reuses it. Under "
+        "torchrun each rank evaluates its share of the grid and rank 0 writes.",
+    )
+    land.add_argument("run", help="run directory")
+    shape = land.add_mutually_exclusive_group()
+    shape.add_argument("--2d", dest="two_d", action="store_true", help="a plane of two random directions")
+    shape.add_argument("--pca", action="store_true", help="the plane of the first two PCs of the saved trajectory")
+    shape.add_argument("--between", help="the line from this run's adapter to another run's (or adapter folder)")
+    shape.add_argument("--from-base", action="store_true", help="the line from the base model to this adapter")
+    land.add_argument("--steps", type=int, default=21, help="grid points per axis (odd; default 21)")
+    land.add_argument("--span", type=float, default=None, help="half-width of the grid (default 1; PCA: auto)")
+    land.add_argument("--space", default="merged", help="merged (default), lora, b or all")
+    land.add_argument("--seed", type=int, default=0, help="seed of the random directions")
+    land.add_argument("--split", default="train", choices=["train", "dev", "test"], help="probe split")
+    land.add_argument("--examples", dest="n", type=_optional_n, default=64, help="probe examples (default 64; 'all')")
+    land.add_argument("--batch-size", type=int, default=32, help="probe batch size")
+    land.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    land.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    land.set_defaults(func=_landscape)
+
     report = sub.add_parser(
         "report",
         help="measure saved adapters: sharpness, Hessian, balancedness, Theorem-2 error -> JSON/CSV/MD/HTML",
@@ -156,7 +289,9 @@ def add_measure_commands(sub: argparse._SubParsersAction) -> None:
     report.add_argument(
         "--split", default="train", choices=["train", "dev", "test"], help="probe split (default train)"
     )
-    report.add_argument("--n", type=_optional_n, default=-1, help="probe examples, or 'all' (default: the preset's)")
+    report.add_argument(
+        "--examples", dest="n", type=_optional_n, default=-1, help="probe examples, or 'all' (default: the preset's)"
+    )
     report.add_argument("--batch-size", type=int, default=32, help="probe batch size (default 32)")
     report.add_argument("--rho", type=_floats, help="sharpness radii, comma-separated (default 0.05)")
     report.add_argument("--kinds", help="sharpness kinds, comma-separated (default sam,worst,average,flat-lora)")

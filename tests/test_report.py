@@ -27,7 +27,7 @@ from flatlora import FlatLoraError, cli
 from flatlora.models import save_tiny_text_model
 from flatlora.runs import load_run
 
-QUICK = ["--quick", "--n", "8", "--batch-size", "4", "--no-progress"]
+QUICK = ["--quick", "--examples", "8", "--batch-size", "4", "--no-progress"]
 
 
 @pytest.fixture(scope="session")
@@ -190,7 +190,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(runs, tmp_path, tiny_mo
         ([str(no_run)], "holds no run"),
         ([str(runs / "lora-seed1"), "--rho", "0"], "rho must be"),
         ([str(runs / "lora-seed1"), "--rho", "-0.1"], "rho must be"),
-        ([str(runs / "lora-seed1"), "--n", "0"], "--n must be"),
+        ([str(runs / "lora-seed1"), "--examples", "0"], "--examples must be"),
         ([str(runs / "lora-seed1"), "--eig-k", "100000"], "larger than"),
         ([str(runs / "lora-seed1" / "adapter")], "bare adapter"),
     ]
@@ -202,3 +202,40 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(runs, tmp_path, tiny_mo
         assert err.startswith("flatlora: error:") and "\n" not in err, err
         assert match in err, err
         assert snapshot(out) == {}, match
+
+
+def test_a_two_rank_torchrun_report_equals_the_one_process_report(runs, tmp_path):
+    import torch
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed not built")
+    bindir = Path(sys.executable).parent
+    torchrun, flatlora = shutil.which("torchrun", path=str(bindir)), shutil.which("flatlora", path=str(bindir))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    outs = {}
+    for name, prefix in (("one", []), ("two", [torchrun, "--standalone", "--nproc_per_node=2", "--no-python"])):
+        out = tmp_path / name
+        cmd = [*prefix, flatlora, "report", str(runs), "--out", str(out), *QUICK]
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outs[name] = out
+    assert entries_without_timing(outs["two"] / "report.json") == entries_without_timing(outs["one"] / "report.json")
+    # a refusal on the ranks: the same one line from each, exit 2, nothing written
+    bad = tmp_path / "bad"
+    cmd = [
+        torchrun,
+        "--standalone",
+        "--nproc_per_node=2",
+        "--no-python",
+        flatlora,
+        "report",
+        str(runs),
+        "--out",
+        str(bad),
+        "--eig-k",
+        "100000",
+        *QUICK,
+    ]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and result.stderr.count("flatlora: error:") == 2
+    assert not bad.exists()

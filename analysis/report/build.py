@@ -95,17 +95,34 @@ def build_report(
         FlatLoraError: bad paths, adapters, base model, data or settings; nothing is written then.
     """
     targets = resolve_targets(paths)
-    mine = _shard_of(targets, shard)
+    rank, world = _world()
+    gather = shard is None and world > 1  # under torchrun: every rank takes its share, rank 0 writes
+    mine = _shard_of(targets, (rank + 1, world) if gather else shard)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FlatLoraError(f"--out {out} is a file: choose a folder for the report")
     cache = Cache(out / "cache")
-    validate_targets(mine, settings, base_model, data, device)
+    error = None
+    try:
+        validate_targets(mine, settings, base_model, data, device)
+    except FlatLoraError as err:
+        error = str(err)
+    if gather:  # a refusal on any rank ends every rank with the same line, before any write
+        errors: list[str | None] = [None] * world
+        _dist().all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise FlatLoraError(error)
     entries = []
     for target in targets_progress(mine) if targets_progress is not None else mine:
         entries.append(
             measure_target(target, settings, cache, base_model=base_model, data=data, device=device, progress=progress)
         )
+    if gather:
+        parts: list[list | None] = [None] * world
+        _dist().all_gather_object(parts, entries)
+        by_path = {e["path"]: e for part in parts for e in part}
+        entries = [by_path[str(t.path)] for t in targets]
     report = {
         "format": REPORT_FORMAT,
         "created": _now(),
@@ -121,8 +138,22 @@ def build_report(
         report["shard"] = list(shard)
         atomic_write_json(out / f"report.shard-{shard[0]}-of-{shard[1]}.json", report)
         return report
-    _finish(report, out)
+    if rank == 0:
+        _finish(report, out)
     return report
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def _world() -> tuple[int, int]:
+    dist = _dist()
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def merge_shards(out: str | Path) -> dict[str, Any]:

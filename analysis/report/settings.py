@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from analysis.results import cache_key  # noqa: F401  (re-exported for the report modules)
 from analysis.sharpness import KINDS
 from analysis.spaces import SPACES
 from flatlora.errors import FlatLoraError
@@ -53,7 +52,9 @@ class ReportSettings:
         if self.split not in ("train", "dev", "test"):
             raise FlatLoraError(f"unknown split {self.split!r}: use train, dev or test")
         if self.n is not None and (isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1):
-            raise FlatLoraError(f"--n must be a whole number >= 1 (or omitted for the whole split), got {self.n!r}")
+            raise FlatLoraError(
+                f"--examples must be a whole number >= 1 (or omitted for the whole split), got {self.n!r}"
+            )
         for rho in self.rhos:
             if not (isinstance(rho, (int, float)) and rho > 0 and math.isfinite(rho)):
                 raise FlatLoraError(f"rho must be a finite number > 0, got {rho!r}: pass positive radii to --rho")
@@ -122,9 +123,3 @@ def preset(name: str, **overrides: Any) -> ReportSettings:
         raise FlatLoraError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     return dataclasses.replace(PRESETS[name], **overrides)
-
-
-def cache_key(*parts: Any) -> str:
-    """A stable hash of JSON-able parts (adapter hash, measure name, settings, probe)."""
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:24]

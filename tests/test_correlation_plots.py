@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from analysis import correlate, correlation_table, granulated_kendall
-from analysis import plots
+from analysis import correlate, correlation_table, granulated_kendall, plots
 from analysis.landscape import LandscapeResult
 from flatlora import FlatLoraError
 

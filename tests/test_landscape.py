@@ -18,7 +18,7 @@ from analysis_fixtures import write_reviews_csv as write_csv
 from analysis import ProbeSet, build_space, evaluate_loss, hessian_operator, interpolate, landscape_1d, landscape_2d
 from analysis.landscape import LandscapeResult, filter_normalize, random_directions
 from analysis.loading import load_model
-from flatlora import FlatLoraError, cli
+from flatlora import cli
 from flatlora.models import save_tiny_text_model, tiny_batches, tiny_model
 
 

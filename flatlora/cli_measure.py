@@ -156,20 +156,11 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def landscape_key(run, kind: str, settings: dict[str, Any], other: str | None) -> dict[str, Any]:
-    """What identifies a saved landscape: the adapter(s), the kind, its settings, the probe."""
-    from analysis.loading import adapter_hash
-
-    parts = {"adapter": adapter_hash(run.adapter_path), "kind": kind, **settings}
-    if other is not None:
-        parts["other"] = adapter_hash(other)
-    return parts
-
-
 def _landscape(args: argparse.Namespace) -> int:
     import os
 
     from analysis.landscape import cached_landscape, interpolate, landscape_1d, landscape_2d, symmetric_grid
+    from analysis.landscape.store import landscape_key, landscape_settings
     from analysis.loading import Target, load_model
     from analysis.probe import ProbeSet
     from flatlora.runs import load_run
@@ -199,15 +190,16 @@ def _landscape(args: argparse.Namespace) -> int:
     _init_distributed()
     rank = int(os.environ.get("RANK", "0"))
     bars = ProgressBars(args.progress and rank == 0)
-    settings = {
-        "steps": args.steps,
-        "span": args.span,
-        "space": args.space,
-        "seed": args.seed,
-        "split": args.split,
-        "n": args.n,
-        "batch_size": args.batch_size,
-    }
+    span = args.span if (args.span is not None or kind == "pca") else 1.0
+    settings = landscape_settings(
+        steps=args.steps,
+        span=span,
+        space=args.space,
+        seed=args.seed,
+        split=args.split,
+        n=args.n,
+        batch_size=args.batch_size,
+    )
     progress = bars(f"{run.path.name}: {kind} landscape")
 
     def compute():
@@ -235,7 +227,9 @@ def _landscape(args: argparse.Namespace) -> int:
         return interpolate(model, probe, other, steps=args.steps, progress=progress)
 
     folder = run.path / "analysis"
-    result, reused = cached_landscape(folder, landscape_key(run, kind, settings, other), compute, write=rank == 0)
+    result, reused = cached_landscape(
+        folder, landscape_key(run.adapter_path, kind, settings, other), compute, write=rank == 0
+    )
     if rank == 0:
         z = result.z
         print(

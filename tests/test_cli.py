@@ -198,7 +198,7 @@ def test_demo_reuses_only_runs_of_the_same_settings(tmp_path, monkeypatch, capsy
         return load_run(out)
 
     monkeypatch.setattr(experiment, "train_run", fake_train_run)
-    argv = ["demo", "--out", str(tmp_path), "--methods", "lora", "eflat-lora", "--no-progress"]
+    argv = ["demo", "--out", str(tmp_path), "--methods", "lora", "eflat-lora", "--no-progress", "--no-report"]
     assert cli.main(argv) == 0
     assert cli.main(argv) == 0  # reused
     assert cli.main([*argv, "--shots", "8"]) == 0  # other data: retrained

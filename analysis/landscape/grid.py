@@ -164,9 +164,8 @@ def landscape_1d(
             else dirs.random_directions(sp, seed=seed, count=1, normalize=filter_normalize)[0]
         )
         axes = dirs.space_axes(sp, d)
-        probe_dev = probe.to(dev)
-        clean = _clean_loss(model, probe_dev)
-        z = evaluate_points(model, probe_dev, axes, [(a, 0.0) for a in x], progress)
+        z = evaluate_points(model, probe.to(dev), axes, [(a, 0.0) for a in x], progress)
+        clean = float(z[len(x) // 2])  # the origin is on the grid: its value is the clean loss, exactly
     settings = {
         "steps": len(x),
         "span": span,
@@ -225,10 +224,9 @@ def landscape_2d(
             axes = dirs.space_axes(sp, d1, d2)
         span = 1.0 if span is None else span
         x = symmetric_grid(steps, span)
-        probe_dev = probe.to(dev)
-        clean = _clean_loss(model, probe_dev)
         points = [(a, b) for a in x for b in x]
-        z = evaluate_points(model, probe_dev, axes, points, progress).reshape(len(x), len(x))
+        z = evaluate_points(model, probe.to(dev), axes, points, progress).reshape(len(x), len(x))
+        clean = float(z[len(x) // 2, len(x) // 2])  # the origin's value is the clean loss, exactly
     settings = {
         "steps": len(x),
         "span": span,
@@ -281,8 +279,9 @@ def interpolate(
     with measuring(model, device) as dev:
         axes = dirs.line_axes(model, other)
         probe_dev = probe.to(dev)
-        clean = _clean_loss(model, probe_dev)
         z = evaluate_points(model, probe_dev, axes, [(a, 0.0) for a in t], progress)
+        # t = 0 is this adapter itself when going to another; from the base model, t = 1 is it up to rounding.
+        clean = float(z[k]) if other is not None else _clean_loss(model, probe_dev)
     settings = {
         "steps": steps,
         "extend": extend,

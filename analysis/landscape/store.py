@@ -52,6 +52,34 @@ def load_landscape(folder: str | Path, key: str) -> LandscapeResult | None:
     return LandscapeResult(**data)
 
 
+def landscape_settings(
+    *,
+    steps: int,
+    span: float | None,
+    space: str = "merged",
+    seed: int = 0,
+    split: str = "train",
+    n: int | None = 64,
+    batch_size: int = 32,
+    data: str | None = None,
+) -> dict[str, Any]:
+    """The settings that name a saved landscape (the CLI, the report and the app use the same)."""
+    out = {"steps": steps, "span": span, "space": space, "seed": seed, "split": split, "n": n, "batch_size": batch_size}
+    if data is not None:
+        out["data"] = str(data)
+    return out
+
+
+def landscape_key(adapter: str | Path, kind: str, settings: dict[str, Any], other: str | Path | None = None):
+    """What identifies a saved landscape: the adapter's (and other's) content, the kind, its settings."""
+    from analysis.loading import adapter_hash
+
+    parts = {"adapter": adapter_hash(adapter), "kind": kind, **settings}
+    if other is not None:
+        parts["other"] = adapter_hash(other)
+    return parts
+
+
 def cached_landscape(
     folder: str | Path | None, parts: dict[str, Any], compute: Callable[[], LandscapeResult], *, write: bool = True
 ) -> tuple[LandscapeResult, bool]:

@@ -124,6 +124,40 @@ def _history(run) -> list[dict[str, Any]]:
     return [{k: r[k] for k in HISTORY_KEYS if k in r} for r in run.metrics]
 
 
+def _landscape_1d(target, run, s: ReportSettings, data, lazy, cached, cb, device) -> dict[str, Any]:
+    """The 1-D landscape of the report; for a run it is also saved in (and reused from) RUN/analysis/."""
+    from analysis.landscape import cached_landscape, landscape_1d
+    from analysis.landscape.store import landscape_key, landscape_settings
+
+    opts = landscape_settings(
+        steps=s.landscape_steps,
+        span=s.landscape_span,
+        space=s.space,
+        seed=s.seed,
+        split=s.split,
+        n=s.n,
+        batch_size=s.batch_size,
+        data=data,
+    )
+
+    def compute():
+        return landscape_1d(
+            lazy.model,
+            lazy.probe,
+            steps=s.landscape_steps,
+            span=s.landscape_span,
+            space=s.space,
+            seed=s.seed,
+            device=device,
+            progress=cb("1-D landscape"),
+        )
+
+    if run is None:
+        return cached("landscape-1d", opts, compute)
+    key = landscape_key(target.adapter, "1d", opts)
+    return cached("landscape-1d", opts, lambda: cached_landscape(run.path / "analysis", key, compute)[0])
+
+
 def measure_target(
     target: Target,
     settings: ReportSettings,
@@ -266,6 +300,8 @@ def measure_target(
             ),
         )
     entry["hessian"] = hess
+    if s.landscape_steps:
+        entry["landscape_1d"] = _landscape_1d(target, run, s, data, lazy, cached, cb, device)
     entry["balancedness"] = balance.balancedness(target.adapter).to_dict()
     if run is not None:
         entry["history"] = _history(run)

@@ -128,6 +128,9 @@ def _figures(report: dict[str, Any]) -> list[tuple[str, Any]]:
 
     entries = report["entries"]
     figs = [("Sharpness", plots.sharpness_bars_figure(entries)), ("Curvature", plots.curvature_bars_figure(entries))]
+    curves = {e["name"]: e["landscape_1d"] for e in entries if e.get("landscape_1d")}
+    if curves:
+        figs.append(("Loss landscapes (1-D)", plots.landscape_1d_figure(curves)))
     densities = {e["name"]: e["hessian"]["density"] for e in entries if e.get("hessian", {}).get("density")}
     if densities:
         figs.append(("Spectral density", plots.density_figure(densities)))

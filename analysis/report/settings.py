@@ -24,6 +24,8 @@ class ReportSettings:
         trace_samples: Hutch++ products for tr(H) (0: skip).
         density_steps, density_runs: SLQ spectral density (0 steps: skip).
         layers: per-layer top eigenvalue and trace.
+        landscape_steps, landscape_span: a 1-D landscape along a filter-normalized Gaussian
+            direction of the sharpness space (0 steps: skip); saved in a run's analysis/ too.
         ema_checkpoint: recompute the Theorem-2 error at the latest checkpoint of eflat-lora runs.
         seed: of every random draw.
     """
@@ -44,6 +46,8 @@ class ReportSettings:
     density_steps: int = 0
     density_runs: int = 1
     layers: bool = False
+    landscape_steps: int = 21
+    landscape_span: float = 1.0
     ema_checkpoint: bool = True
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -70,6 +74,8 @@ class ReportSettings:
                 raise FlatLoraError(f"{name} must be a whole number >= 1, got {value!r}")
         if self.average_samples < 2:
             raise FlatLoraError("average_samples must be >= 2 (a standard error needs two draws)")
+        if self.landscape_steps and self.landscape_steps < 2:
+            raise FlatLoraError(f"landscape_steps must be 0 (skip) or >= 2, got {self.landscape_steps}")
         if self.trace_samples and self.trace_samples < 6:
             raise FlatLoraError(f"trace_samples must be 0 (skip) or >= 6, got {self.trace_samples}")
 

@@ -59,7 +59,7 @@ def resolve_targets(paths: list[str | Path]) -> list[Target]:
 
     targets: list[Target] = []
     for raw in paths:
-        path = Path(raw)
+        path = Path(raw).absolute()
         if not path.exists():
             raise FlatLoraError(f"{path} does not exist: pass a run directory, an adapter folder or a folder of runs")
         if (path / RUN_JSON).is_file():

@@ -1,1 +1,1 @@
-"""The Streamlit dashboard (``streamlit run app/main.py``), filled by the dashboard issue."""
+"""The Streamlit dashboard over a folder of runs: ``flatlora app [RUNS_DIR]`` (or ``streamlit run app/main.py``)."""

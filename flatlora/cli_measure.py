@@ -239,8 +239,57 @@ def _landscape(args: argparse.Namespace) -> int:
     return 0
 
 
+def app_command(runs: str, port: int, host: str) -> list[str]:
+    """The ``streamlit run`` command line of the dashboard on ``runs``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("app")
+    if spec is None or spec.origin is None or importlib.util.find_spec("streamlit") is None:
+        raise FlatLoraError("the dashboard needs streamlit and the app package: pip install 'flatlora[app]'")
+    main = Path(spec.origin).parent / "main.py"
+    return [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(main),
+        "--server.port",
+        str(port),
+        "--server.address",
+        host,
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--",
+        "--runs",
+        runs,
+    ]
+
+
+def _app(args: argparse.Namespace) -> int:
+    import subprocess
+
+    cmd = app_command(str(Path(args.runs).resolve()), args.port, args.host)
+    print(f"flatlora app: http://{args.host}:{args.port} on {args.runs} (Ctrl-C stops it)", flush=True)
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
 def add_measure_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``report`` and ``landscape`` on the CLI's subcommands."""
+    """Register ``report``, ``landscape`` and ``app`` on the CLI's subcommands."""
+    app = sub.add_parser(
+        "app",
+        help="the Streamlit dashboard over a folder of runs",
+        description="Start the dashboard (runs, landscapes, curvature, sharpness vs generalization, report) on a "
+        "folder of runs. It binds to 127.0.0.1 unless --host says otherwise.",
+    )
+    app.add_argument("runs", nargs="?", default="runs/demo", help="folder of runs (default: runs/demo)")
+    app.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    app.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    app.set_defaults(func=_app)
     land = sub.add_parser(
         "landscape",
         help="loss landscape of a run: 1-D, 2-D, trajectory PCA, or between two adapters",

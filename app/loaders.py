@@ -1,0 +1,281 @@
+"""The dashboard's data: cached readers of runs and measures, and the compute-on-request entry points.
+
+Pages hold no math and no figure code: they call these loaders (which call ``flatlora.runs``
+and ``analysis``) and hand the results to ``analysis.plots``. Readers are cached with
+``st.cache_data`` keyed by the files' modification times, so a run being written shows its
+new records on the next refresh; models and probe sets are ``st.cache_resource``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+RUNS_ENV = "FLATLORA_RUNS_DIR"
+DEFAULT_RUNS = "runs/demo"
+
+
+def default_runs_dir() -> str:
+    """``--runs DIR`` after ``streamlit run app/main.py --``, else $FLATLORA_RUNS_DIR, else runs/demo."""
+    argv = sys.argv[1:]
+    if "--runs" in argv and argv.index("--runs") + 1 < len(argv):
+        return argv[argv.index("--runs") + 1]
+    return os.environ.get(RUNS_ENV, DEFAULT_RUNS)
+
+
+def runs_dir() -> str:
+    return st.session_state.get("runs_dir") or default_runs_dir()
+
+
+def clear_caches() -> None:
+    """Forget every cached reader and resource (tests; the sidebar's reload button)."""
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+def measure_defaults(root: str | None = None) -> dict[str, Any]:
+    """Probe and landscape settings: those of ROOT/report (so what it measured is reused), else the demo's."""
+    from analysis.report import ReportSettings
+    from flatlora.demo import report_settings
+
+    found = report(root, report_token(root)) if root is not None else None
+    s = ReportSettings.from_dict(found["settings"]) if found else report_settings(quick=False)
+    return {
+        "split": s.split,
+        "n": s.n,
+        "batch_size": s.batch_size,
+        "steps": s.landscape_steps or 21,
+        "span": s.landscape_span,
+        "space": s.space,
+        "seed": s.seed,
+        "k": s.eig_k,
+        "trace_samples": s.trace_samples or 30,
+    }
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def folder_problem(root: str) -> str | None:
+    """Why ``root`` cannot be shown (missing, a file, empty, no runs), or None."""
+    path = Path(root)
+    if not path.exists():
+        return f"{root} does not exist: train runs into it (flatlora demo, or flatlora train --out {root}/NAME)."
+    if not path.is_dir():
+        return f"{root} is a file, not a folder of runs: choose the folder that holds the run directories."
+    if not any(path.rglob("run.json")):
+        return f"{root} holds no runs (no run.json below it): train some with flatlora demo or flatlora sweep."
+    return None
+
+
+def folder_token(root: str) -> tuple:
+    """Modification times of every run.json and metrics.jsonl below ``root`` (a cache key that moves)."""
+    out = []
+    for run_json in sorted(Path(root).rglob("run.json")):
+        metrics = run_json.with_name("metrics.jsonl")
+        out.append((str(run_json), run_json.stat().st_mtime_ns, metrics.stat().st_mtime_ns if metrics.exists() else 0))
+    return tuple(out)
+
+
+@st.cache_data(show_spinner=False)
+def runs_table(root: str, token: tuple) -> list[dict[str, Any]]:
+    """One row per run: name, method, hyperparameters, status, final metrics, gap, wall time."""
+    from flatlora.runs import list_runs
+
+    rows = []
+    for run in list_runs(root):
+        h, m = run.hparams, run.final
+        gap = m["test_loss"] - m["train_loss"] if "test_loss" in m and "train_loss" in m else None
+        rows.append(
+            {
+                "run": str(run.path.relative_to(root)) if run.path != Path(root) else run.path.name,
+                "path": str(run.path),
+                "method": run.method,
+                "status": run.status,
+                "rho": h.get("rho") if run.method != "lora" else None,
+                "lr": h.get("lr"),
+                "seed": h.get("seed"),
+                "steps": h.get("steps"),
+                "test_accuracy": m.get("test_accuracy"),
+                "test_loss": m.get("test_loss"),
+                "train_loss": m.get("train_loss"),
+                "gap": gap,
+                "wall_s": run.info.get("wall_time_s"),
+            }
+        )
+    return rows
+
+
+@st.cache_data(show_spinner=False)
+def history(path: str, token: int) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl (``token``: its modification time)."""
+    from flatlora.runs import read_metrics_file
+
+    return read_metrics_file(Path(path) / "metrics.jsonl")
+
+
+def history_token(path: str) -> int:
+    metrics = Path(path) / "metrics.jsonl"
+    return metrics.stat().st_mtime_ns if metrics.exists() else 0
+
+
+# ----------------------------------------------------------------------------- models and measures
+
+
+@st.cache_resource(show_spinner="loading the adapter ...")
+def model_and_probe(path: str, split: str, n: int | None, batch_size: int):
+    """The run's peft model (eval mode) and its probe set (the first n examples of the split)."""
+    from analysis import ProbeSet, load_model
+
+    model, _ = load_model(path)
+    return model, ProbeSet.from_run(path, split, n=n, batch_size=batch_size)
+
+
+def _adapter(path: str) -> Path:
+    return Path(path) / "adapter"
+
+
+def landscape(
+    path: str,
+    kind: str,
+    settings: dict[str, Any],
+    *,
+    other: str | None = None,
+    compute: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+):
+    """A run's saved landscape of ``kind`` (``1d``, ``2d``, ``pca``, ``interpolation``), or None.
+
+    With ``compute``, a missing one is computed (``progress(done, total)``) and saved in RUN/analysis/.
+    """
+    from analysis.landscape import cached_landscape, interpolate, landscape_1d, landscape_2d, load_landscape
+    from analysis.landscape.store import landscape_key, landscape_settings
+    from analysis.results import cache_key
+
+    probe_keys = {k: settings[k] for k in ("split", "n", "batch_size")}
+    span = None if kind == "pca" else settings["span"]
+    parts = landscape_key(
+        _adapter(path),
+        kind,
+        landscape_settings(
+            steps=settings["steps"], span=span, space=settings["space"], seed=settings["seed"], **probe_keys
+        ),
+        None if other is None else _adapter(other),
+    )
+    found = load_landscape(Path(path) / "analysis", cache_key(parts))
+    if found is not None or not compute:
+        return found
+    model, probe = model_and_probe(path, **probe_keys)
+
+    def run():
+        if kind == "1d":
+            return landscape_1d(
+                model,
+                probe,
+                steps=settings["steps"],
+                span=span,
+                space=settings["space"],
+                seed=settings["seed"],
+                progress=progress,
+            )
+        if kind in ("2d", "pca"):
+            return landscape_2d(
+                model,
+                probe,
+                steps=settings["steps"],
+                span=span,
+                space=settings["space"],
+                seed=settings["seed"],
+                pca=path if kind == "pca" else None,
+                progress=progress,
+            )
+        return interpolate(model, probe, _adapter(other), steps=settings["steps"] - 1, progress=progress)
+
+    return cached_landscape(Path(path) / "analysis", parts, run)[0]
+
+
+CURVATURE = ("top_eigenvalues", "trace", "density", "layers")
+
+
+def _from_report(root: str | None, path: str, measure: str, settings: dict[str, Any]):
+    """The measure as ROOT/report measured it, if that report used these settings."""
+    from analysis.results import Result
+
+    found = report(root, report_token(root)) if root is not None else None
+    if not found:
+        return None
+    s = found["settings"]
+    same = all(
+        s[a] == settings[b]
+        for a, b in (
+            ("eig_space", "hessian_space"),
+            ("eig_k", "k"),
+            ("split", "split"),
+            ("n", "n"),
+            ("batch_size", "batch_size"),
+        )
+    )
+    if measure == "trace":
+        same = same and s["trace_samples"] == settings["trace_samples"]
+    for entry in found["entries"] if same else []:
+        value = entry.get("hessian", {}).get(measure)
+        if Path(entry["path"]).resolve() == Path(path).resolve() and value:
+            return Result.from_dict(value)
+    return None
+
+
+def curvature(
+    path: str,
+    measure: str,
+    settings: dict[str, Any],
+    *,
+    root: str | None = None,
+    compute: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+):
+    """A run's Hessian measure (``top_eigenvalues``, ``trace``, ``density``, ``layers``) if measured, else None.
+
+    Looked up in RUN/analysis/ and in ROOT/report; with ``compute``, a missing one is computed and saved.
+    """
+    from analysis import hessian_trace, layer_curvature, spectral_density, top_eigenvalues
+    from analysis.loading import adapter_hash
+    from analysis.store import cached_result, load_result
+
+    folder = Path(path) / "analysis"
+    parts = {"adapter": adapter_hash(_adapter(path)), "measure": measure, **settings}
+    found = load_result(folder, parts) or _from_report(root, path, measure, settings)
+    if found is not None or not compute:
+        return found
+    probe_keys = {k: settings[k] for k in ("split", "n", "batch_size")}
+    model, probe = model_and_probe(path, **probe_keys)
+    space = settings["hessian_space"]
+    runs = {
+        "top_eigenvalues": lambda: top_eigenvalues(model, probe, k=settings["k"], space=space, progress=progress),
+        "trace": lambda: hessian_trace(model, probe, space, samples=settings["trace_samples"], progress=progress),
+        "density": lambda: spectral_density(model, probe, space, steps=settings["density_steps"], progress=progress),
+        "layers": lambda: layer_curvature(model, probe, space, trace_samples=12, progress=progress),
+    }
+    return cached_result(folder, parts, runs[measure])[0]
+
+
+def report_path(root: str) -> Path:
+    return Path(root) / "report" / "report.json"
+
+
+@st.cache_data(show_spinner=False)
+def report(root: str, token: int) -> dict[str, Any] | None:
+    """The report in ROOT/report/report.json (as ``flatlora demo`` writes it), or None."""
+    import json
+
+    path = report_path(root)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def report_token(root: str) -> int:
+    path = report_path(root)
+    return path.stat().st_mtime_ns if path.exists() else 0

@@ -1,0 +1,44 @@
+"""Sharpness vs generalization across runs: a scatter by method with Kendall, Spearman and the granulated tau."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from analysis import plots
+from analysis.correlation import TARGETS, correlate, measure_columns
+from analysis.report import summary_rows
+from app import loaders
+from flatlora.errors import FlatLoraError
+
+st.title("Sharpness vs generalization")
+root = loaders.runs_dir()
+problem = loaders.folder_problem(root)
+if problem:
+    st.info(problem)
+    st.stop()
+report = loaders.report(root, loaders.report_token(root))
+if report is None:
+    st.info(f"no report in {loaders.report_path(root)}: build it on the Report page (or run flatlora demo)")
+    st.stop()
+rows = summary_rows(report)
+measures = measure_columns(rows)
+c1, c2 = st.columns(2)
+measure = c1.selectbox("Measure", measures, key="corr_measure")
+target = c2.selectbox("Generalization", list(TARGETS), key="corr_target")
+st.plotly_chart(plots.correlation_scatter_figure(rows, measure, target), width="stretch", key="corr_scatter")
+try:
+    result = correlate(rows, measure, target, n_resamples=1000)
+except FlatLoraError as err:
+    st.info(str(err))
+    st.stop()
+cols = st.columns(3)
+for col, (label, stat) in zip(
+    cols,
+    (("Kendall tau", result.kendall), ("Spearman", result.spearman), ("granulated Kendall (Psi)", result.granulated)),
+):
+    col.metric(label, f"{stat['value']:.3f}")
+    col.caption(f"95% bootstrap interval [{stat['low']:.3f}, {stat['high']:.3f}]")
+st.caption(
+    f"{result.n_runs} runs; granulated over the axes that vary: {', '.join(result.settings['axes']) or 'none'}"
+    f"; per axis: {', '.join(f'{k} {v:.2f}' for k, v in result.granulated['per_axis'].items())}"
+)

@@ -1,0 +1,78 @@
+"""Curvature: top Hessian eigenvalues, trace, spectral density and per-layer bars of the selected runs."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from analysis import plots
+from app import loaders
+
+st.title("Curvature (Hessian)")
+root = loaders.runs_dir()
+problem = loaders.folder_problem(root)
+if problem:
+    st.info(problem)
+    st.stop()
+runs = [r for r in loaders.runs_table(root, loaders.folder_token(root)) if r["status"] == "done"]
+if not runs:
+    st.info("no finished run yet")
+    st.stop()
+paths = {r["run"]: r["path"] for r in runs}
+defaults = loaders.measure_defaults(root)
+c1, c2, c3 = st.columns(3)
+space = c1.selectbox("Hessian space", ["lora", "b", "merged"], key="cv_space")
+k = c2.number_input("top eigenvalues k", 1, 20, defaults["k"], key="cv_k")
+chosen = c3.multiselect("Runs", list(paths), default=list(paths), key="cv_runs")
+settings = {
+    "split": defaults["split"],
+    "n": defaults["n"],
+    "batch_size": defaults["batch_size"],
+    "hessian_space": space,
+    "k": int(k),
+    "trace_samples": defaults["trace_samples"],
+    "density_steps": 40,
+}
+found = {
+    m: {name: loaders.curvature(paths[name], m, settings, root=root) for name in chosen} for m in loaders.CURVATURE
+}
+missing = [(m, name) for m, by_run in found.items() for name, r in by_run.items() if r is None]
+if missing and st.button(f"Compute the {len(missing)} missing measure(s)", key="cv_compute"):
+    bar = st.progress(0.0)
+    for i, (m, name) in enumerate(missing):
+        bar.progress(i / len(missing), text=f"{name}: {m}")
+        found[m][name] = loaders.curvature(paths[name], m, settings, root=root, compute=True)
+    bar.empty()
+eig = {n: r for n, r in found["top_eigenvalues"].items() if r is not None}
+trace = {n: r for n, r in found["trace"].items() if r is not None}
+if eig or trace:
+    rows = [
+        {
+            "run": n,
+            "lambda_max": eig[n].lambda_max if n in eig else None,
+            "top-k": ", ".join(f"{v:.4g}" for v in eig[n].eigenvalues) if n in eig else "",
+            "trace": trace[n].trace if n in trace else None,
+            "trace stderr": trace[n].stderr if n in trace else None,
+            "HVPs": (eig[n].hvps if n in eig else 0) + (trace[n].hvps if n in trace else 0),
+        }
+        for n in chosen
+    ]
+    st.dataframe(rows, hide_index=True, width="stretch")
+    entries = [
+        {
+            "name": n,
+            "hessian": {
+                "top_eigenvalues": eig[n].to_dict() if n in eig else None,
+                "trace": trace[n].to_dict() if n in trace else None,
+            },
+        }
+        for n in chosen
+    ]
+    st.plotly_chart(plots.curvature_bars_figure(entries), width="stretch", key="cv_bars")
+else:
+    st.info("nothing measured yet in this space: use the button above")
+density = {n: r for n, r in found["density"].items() if r is not None}
+if density:
+    st.plotly_chart(plots.density_figure(density), width="stretch", key="cv_density")
+layers = {n: r for n, r in found["layers"].items() if r is not None}
+if layers:
+    st.plotly_chart(plots.layer_bars_figure(layers), width="stretch", key="cv_layers")

@@ -1,0 +1,57 @@
+"""Runs: the table of runs with filters, and their training curves (refreshing while a run is written)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from analysis import plots
+from app import loaders
+
+st.title("Runs")
+root = loaders.runs_dir()
+problem = loaders.folder_problem(root)
+if problem:
+    st.info(problem)
+    st.stop()
+
+
+@st.fragment(run_every=5.0)
+def runs_view() -> None:
+    rows = loaders.runs_table(root, loaders.folder_token(root))
+    methods = sorted({r["method"] for r in rows})
+    statuses = sorted({r["status"] for r in rows})
+    left, right = st.columns(2)
+    chosen_methods = left.multiselect("Methods", methods, default=methods, key="runs_methods")
+    chosen_status = right.multiselect("Status", statuses, default=statuses, key="runs_status")
+    shown = [r for r in rows if r["method"] in chosen_methods and r["status"] in chosen_status]
+    running = [r["run"] for r in shown if r["status"] == "running"]
+    if running:
+        st.warning(f"still being written: {', '.join(running)} (this page refreshes every 5 s)")
+    st.metric("runs shown", len(shown))
+    columns = ["run", "method", "status", "rho", "lr", "seed", "steps", "test_accuracy", "test_loss", "gap", "wall_s"]
+    st.dataframe([{c: r[c] for c in columns} for r in shown], width="stretch", hide_index=True)
+    selected = st.multiselect(
+        "Runs to plot", [r["run"] for r in shown], default=[r["run"] for r in shown], key="runs_selected"
+    )
+    paths = {r["run"]: r["path"] for r in shown if r["run"] in selected}
+    histories = {name: loaders.history(path, loaders.history_token(path)) for name, path in paths.items()}
+    if not histories:
+        return
+    tabs = st.tabs(["loss", "rho and realized norm", "balancedness", "Theorem 2"])
+    with tabs[0]:
+        st.plotly_chart(plots.history_figure(histories, "loss"), width="stretch")
+    with tabs[1]:
+        st.plotly_chart(plots.realized_norm_figure(histories), width="stretch")
+    with tabs[2]:
+        st.plotly_chart(plots.history_figure(histories, "balancedness", y_title="||A||^2 - ||B||^2"), width="stretch")
+    with tabs[3]:
+        t2 = {k: v for k, v in histories.items() if any(r.get("t2_rel_error") is not None for r in v)}
+        if t2:
+            st.plotly_chart(
+                plots.history_figure(t2, "t2_rel_error", "Theorem 2: ||e_bar - eps_B|| / ||eps_B||"), width="stretch"
+            )
+        else:
+            st.info("no eflat-lora run logged the Theorem-2 check (train with --diagnostics-every k)")
+
+
+runs_view()

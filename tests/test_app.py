@@ -1,0 +1,242 @@
+"""The dashboard: every page under streamlit's AppTest on a small runs folder; empty and wrong folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from analysis_fixtures import train_tiny_runs, write_reviews_csv
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from analysis import plots  # noqa: E402
+from flatlora import cli  # noqa: E402
+from flatlora.models import save_tiny_text_model  # noqa: E402
+
+MAIN = str(Path(__file__).parents[1] / "app" / "main.py")
+PAGES = ("views/landscapes.py", "views/curvature.py", "views/correlation.py", "views/report.py")
+
+
+@pytest.fixture(scope="module")
+def runs_folder(tmp_path_factory):
+    """Three tiny runs (lora, eflat-lora, flat-lora) and the quick report, as flatlora demo leaves them."""
+    root = tmp_path_factory.mktemp("app")
+    model_dir = save_tiny_text_model(root / "tiny-bert")
+    runs = train_tiny_runs(root / "runs", write_reviews_csv(root / "reviews.csv"), model_dir)
+    argv = [
+        "report",
+        str(runs),
+        "--out",
+        str(runs / "report"),
+        "--quick",
+        "--examples",
+        "8",
+        "--batch-size",
+        "8",
+        "--no-progress",
+    ]
+    assert cli.main(argv) == 0
+    return runs
+
+
+@pytest.fixture(autouse=True)
+def fresh_caches():
+    from app.loaders import clear_caches
+
+    clear_caches()
+    yield
+    clear_caches()
+
+
+def app_on(folder, monkeypatch) -> AppTest:
+    monkeypatch.setenv("FLATLORA_RUNS_DIR", str(folder))
+    at = AppTest.from_file(MAIN, default_timeout=180)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def chart_specs(at) -> list[dict]:
+    return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+
+
+def test_runs_page_lists_the_runs_and_plots_their_curves(runs_folder, monkeypatch):
+    at = app_on(runs_folder, monkeypatch)
+    assert at.title[0].value == "Runs"
+    assert at.metric[0].value == "3"
+    table = at.dataframe[0].value
+    assert sorted(table["method"]) == ["eflat-lora", "flat-lora", "lora"]
+    specs = chart_specs(at)
+    assert len(specs) == 4
+    loss = specs[0]
+    assert {t["name"] for t in loss["data"]} == {"eflat-lora-seed1", "flat-lora-seed1", "lora-seed1"}
+    assert any(
+        "t2_rel_error" in s["layout"]["title"]["text"] or "Theorem 2" in s["layout"]["title"]["text"] for s in specs
+    )
+    at.multiselect(key="runs_methods").set_value(["lora"]).run()
+    assert at.metric[0].value == "1"
+    assert [t["name"] for t in chart_specs(at)[0]["data"]] == ["lora-seed1"]
+
+
+def test_runs_page_figure_equals_the_builders(runs_folder, monkeypatch):
+    from flatlora.runs import read_metrics_file
+
+    at = app_on(runs_folder, monkeypatch)
+    histories = {
+        name: read_metrics_file(runs_folder / name / "metrics.jsonl")
+        for name in ("eflat-lora-seed1", "flat-lora-seed1", "lora-seed1")
+    }
+    expected = json.loads(plots.history_figure(histories, "loss").to_json())
+    page = chart_specs(at)[0]
+    assert [t["y"] for t in page["data"]] == [t["y"] for t in expected["data"]]
+
+
+def test_landscapes_page_reuses_the_reports_curves_and_computes_a_plane_on_request(runs_folder, monkeypatch):
+    at = app_on(runs_folder, monkeypatch)
+    at.switch_page("views/landscapes.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    [curves] = chart_specs(at)
+    assert len([t for t in curves["data"] if t.get("mode") == "lines"]) == 3
+    button = next(b for b in at.button if b.label.startswith("Compute the") and "plane" in b.label)
+    button.click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    specs = chart_specs(at)
+    assert any(t["type"] == "surface" for s in specs for t in s["data"])
+    assert any(t.get("name") == "trajectory" for s in specs for t in s["data"])  # PCA: the trajectory is drawn
+    line = next(b for b in at.button if b.label == "Compute the interpolation")
+    line.click().run()
+    assert "Loss from t = 0 to t = 1" in chart_specs(at)[-1]["layout"]["title"]["text"]
+
+
+def test_curvature_page_shows_the_reports_eigenvalues_and_computes_more(runs_folder, monkeypatch):
+    at = app_on(runs_folder, monkeypatch)
+    at.switch_page("views/curvature.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert len(at.dataframe[0].value) == 3
+    assert chart_specs(at)[0]["layout"]["title"]["text"] == "Hessian: lambda_max and trace"
+    at.selectbox(key="cv_space").set_value("b").run()
+    assert any("nothing measured yet" in i.value for i in at.info)
+    at.multiselect(key="cv_runs").set_value(["lora-seed1"]).run()
+    next(b for b in at.button if b.label.startswith("Compute the")).click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    titles = [s["layout"]["title"]["text"] for s in chart_specs(at)]
+    assert "Hessian spectral density (SLQ)" in titles and "Per-layer top eigenvalue" in titles
+
+
+def test_correlation_page_scatters_by_method_with_the_coefficients(runs_folder, monkeypatch):
+    at = app_on(runs_folder, monkeypatch)
+    at.switch_page("views/correlation.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    [scatter] = chart_specs(at)
+    assert "Kendall tau" in scatter["layout"]["title"]["text"]
+    assert {t["name"] for t in scatter["data"]} == {"lora", "eflat-lora", "flat-lora"}
+    assert [m.label for m in at.metric] == ["Kendall tau", "Spearman", "granulated Kendall (Psi)"]
+    at.selectbox(key="corr_target").set_value("gap").run()
+    assert "gap vs" in chart_specs(at)[0]["layout"]["title"]["text"]
+
+
+def test_report_page_shows_and_offers_the_report(runs_folder, monkeypatch):
+    at = app_on(runs_folder, monkeypatch)
+    at.switch_page("views/report.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.metric[0].value == "3" and len(at.dataframe[0].value) == 3
+    assert len(at.get("download_button")) == 3
+
+
+@pytest.mark.parametrize("case", ["missing", "file", "empty"])
+def test_empty_missing_and_wrong_folders_give_their_messages(tmp_path, monkeypatch, case):
+    folder = tmp_path / "runs"
+    if case == "file":
+        folder.write_text("not a folder")
+    elif case == "empty":
+        folder.mkdir()
+    at = app_on(folder, monkeypatch)
+    expected = {"missing": "does not exist", "file": "is a file", "empty": "holds no runs"}[case]
+    assert any(expected in i.value for i in at.info)
+    for page in PAGES:
+        at.switch_page(page).run()
+        assert not at.exception and any(expected in i.value for i in at.info), page
+
+
+def test_a_run_being_written_is_flagged(runs_folder, tmp_path, monkeypatch):
+    import shutil
+
+    folder = tmp_path / "live"
+    shutil.copytree(runs_folder / "lora-seed1", folder / "lora-seed1")
+    info = json.loads((folder / "lora-seed1" / "run.json").read_text())
+    info["status"] = "running"
+    (folder / "lora-seed1" / "run.json").write_text(json.dumps(info))
+    at = app_on(folder, monkeypatch)
+    assert any("still being written" in w.value for w in at.warning)
+
+
+def test_a_real_browser_renders_the_landscape_and_the_scatter(runs_folder, tmp_path):
+    """flatlora app on a free port, Debian's headless Chromium through Selenium; screenshots kept as artifacts."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver_path):
+        pytest.skip(
+            "Debian's chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)"
+        )
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flatlora = shutil.which("flatlora", path=str(Path(sys.executable).parent))
+    server = subprocess.Popen(
+        [flatlora, "app", str(runs_folder), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    artifacts = Path(os.environ.get("FLATLORA_TEST_ARTIFACTS", tmp_path))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    browser = None
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                time.sleep(0.5)
+        options = webdriver.ChromeOptions()
+        options.binary_location = chromium
+        for flag in (
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--window-size=1400,1600",
+        ):
+            options.add_argument(flag)
+        browser = webdriver.Chrome(service=webdriver.ChromeService(driver_path), options=options)
+        for page, title_word in (("landscapes", "Loss along a direction"), ("correlation", "Kendall tau")):
+            browser.get(f"http://127.0.0.1:{port}/{page}")
+            WebDriverWait(browser, 120).until(ec.presence_of_element_located((By.CSS_SELECTOR, ".js-plotly-plot")))
+            WebDriverWait(browser, 60).until(lambda b, w=title_word: w in b.find_element(By.TAG_NAME, "body").text)
+            time.sleep(1)
+            assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
+            assert browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .main-svg")
+            browser.save_screenshot(str(artifacts / f"dashboard-{page}.png"))
+            assert (artifacts / f"dashboard-{page}.png").stat().st_size > 10_000
+    finally:
+        if browser is not None:
+            browser.quit()
+        server.terminate()
+        server.wait(timeout=30)

@@ -9,11 +9,11 @@ import pytest
 from analysis_fixtures import train_tiny_runs, write_reviews_csv
 
 pytest.importorskip("streamlit")
-from streamlit.testing.v1 import AppTest  # noqa: E402
+from streamlit.testing.v1 import AppTest
 
-from analysis import plots  # noqa: E402
-from flatlora import cli  # noqa: E402
-from flatlora.models import save_tiny_text_model  # noqa: E402
+from analysis import plots
+from flatlora import cli
+from flatlora.models import save_tiny_text_model
 
 MAIN = str(Path(__file__).parents[1] / "app" / "main.py")
 PAGES = ("views/landscapes.py", "views/curvature.py", "views/correlation.py", "views/report.py")

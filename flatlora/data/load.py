@@ -1,0 +1,49 @@
+"""`load_data`: which loader a name or a path goes to."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flatlora.data.dataset import TextDataset
+from flatlora.data.glue import GLUE_TASKS, load_glue_folder
+from flatlora.data.hub import load_hub
+from flatlora.data.tables import SUPPORTED_SOURCES, TABLE_SUFFIXES, _missing_file_error, load_table
+from flatlora.data.tweets import load_tweets
+from flatlora.errors import FlatLoraError
+
+KNOWN_DATA_NAMES: tuple[str, ...] = ("tweets", *GLUE_TASKS, *(f"glue/{t}" for t in GLUE_TASKS))
+"""Names `load_data` accepts besides paths."""
+
+
+def load_data(spec: str | Path, **kwargs: Any) -> dict[str, TextDataset]:
+    """Load data from a known name or a path; always returns a dict of splits.
+
+    A string equal (ignoring case) to a name in `KNOWN_DATA_NAMES` is a name, even if a
+    folder of that name exists (write "./sst2" for the folder): "tweets" -> `load_tweets`
+    as {"train"}; a GLUE task ("sst2", "glue/sst2", ...) -> `load_hub`. Anything else is a
+    path: a folder -> `load_glue_folder`, a file -> `load_table` as {"train"}. `kwargs`
+    (text_column, label_column, ...) go to the folder or file loader.
+    """
+    text = str(spec).strip()
+    key = text.lower()
+    if not isinstance(spec, Path) and key in KNOWN_DATA_NAMES:
+        options = sorted(name for name, value in kwargs.items() if value is not None)
+        if options:
+            raise FlatLoraError(
+                f"options {', '.join(options)} apply to files and folders, not to the named dataset {text!r}:"
+                f" drop them, or pass a path to a {SUPPORTED_SOURCES}"
+            )
+        return {"train": load_tweets()} if key == "tweets" else load_hub(key)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return load_glue_folder(path, **kwargs)
+    if path.is_file():
+        return {"train": load_table(path, **kwargs)}
+    if path.suffix.lower() in TABLE_SUFFIXES:
+        raise _missing_file_error(path)
+    raise FlatLoraError(
+        f"unknown data {text!r}, neither a known name nor an existing file or folder:"
+        f" pass tweets, a GLUE task ({', '.join(GLUE_TASKS)}, also as glue/<task>)"
+        f" or a path to an existing {SUPPORTED_SOURCES}"
+    )

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from flatlora import log_keys as keys
 from flatlora.errors import FlatLoraError
 from flatlora.lora import LoraPair, balancedness, find_lora_pairs, require_plain_lora
 from flatlora.schedules import RhoSchedule
@@ -145,16 +146,16 @@ class LoRAMethod(torch.optim.Optimizer):
         rho = self.rho
         if not _is_finite(grads):
             self.steps_skipped += 1
-            self._log.update(skipped=1.0)
+            self._log[keys.SKIPPED] = 1.0
         else:
             self._before_update(rho)
             self.base_optimizer.step()
-            self._log.update(skipped=0.0)
+            self._log[keys.SKIPPED] = 0.0
         self.steps_done += 1
         if self.uses_rho:
-            self._log["rho"] = rho
+            self._log[keys.RHO] = rho
         per_layer = balancedness(self.pairs)
-        self._log.update(balancedness=per_layer.sum(), balancedness_per_layer=per_layer)
+        self._log.update({keys.BALANCEDNESS: per_layer.sum(), keys.BALANCEDNESS_PER_LAYER: per_layer})
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict plus this method's state under the key ``"flatlora"``."""
@@ -248,14 +249,14 @@ class LoRAMethod(torch.optim.Optimizer):
         if self.two_pass:
             loss = loss_fn()
             grads = torch.autograd.grad(loss, self.factor_params, allow_unused=True)
-            log["loss"] = loss.detach()
+            log[keys.LOSS] = loss.detach()
         self.perturb(grads)
         try:
             second = loss_fn()
             second.backward()
         finally:
             self.restore()
-        log["perturbed_loss" if self.two_pass else "loss"] = second.detach()
+        log[keys.PERTURBED_LOSS if self.two_pass else keys.LOSS] = second.detach()
         self.step()
         return self.pop_log(log)
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from flatlora import log_keys as keys
 from flatlora.errors import FlatLoraError
 from flatlora.methods.base import LoRAMethod
 
@@ -53,7 +54,7 @@ class RWPLoRA(LoRAMethod):
 
     def _perturbation(self, grads):
         scale = self.noise_factor() * self.rho
-        self._log["noise_scale"] = scale
+        self._log[keys.NOISE_SCALE] = scale
         if scale == 0:
             return []
         for pair in self.pairs:

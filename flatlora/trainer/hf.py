@@ -6,6 +6,7 @@ from typing import Any
 
 from transformers import Trainer
 
+from flatlora import log_keys as keys
 from flatlora.errors import FlatLoraError
 from flatlora.methods.base import LoRAMethod
 from flatlora.trainer.loss_scaling import model_ignores_num_items
@@ -151,7 +152,7 @@ class FlatLoraTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the method's quantities, averaged over the steps since the last log."""
-        if self._method_log.records and "loss" in logs:
+        if self._method_log.records and keys.LOSS in logs:
             for key, value in self._method_log.pop_means().items():
                 logs.setdefault(key, value)
         super().log(logs, start_time)

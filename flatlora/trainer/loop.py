@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from flatlora import log_keys as keys
 from flatlora.errors import FlatLoraError
 from flatlora.methods.base import LoRAMethod
 
@@ -71,7 +72,7 @@ def train_loop(
         batch = to_device(next(data), device)
         lr = method.param_groups[0]["lr"]
         record = method.train_step(lambda batch=batch: loss_fn(model, batch))
-        record = {"step": method.steps_done, "lr": lr, **record}
+        record = {keys.STEP: method.steps_done, keys.LR: lr, **record}
         if lr_scheduler is not None:
             lr_scheduler.step()
         records.append(record)
@@ -79,7 +80,7 @@ def train_loop(
             callback(record)
         if bar is not None:
             bar.update()
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            bar.set_postfix(loss=f"{record[keys.LOSS]:.4f}")
     if bar is not None:
         bar.close()
     return records

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from flatlora import log_keys as keys
 from flatlora.methods.base import LoRAMethod
 
 
@@ -28,7 +29,7 @@ class MethodLog:
         record = method.pop_log(self.diagnostics)
         self.diagnostics = None
         if self.perturbed_losses:
-            record["perturbed_loss"] = float(torch.stack(self.perturbed_losses).sum())
+            record[keys.PERTURBED_LOSS] = float(torch.stack(self.perturbed_losses).sum())
         self.perturbed_losses = []
         self.records.append(record)
 

@@ -308,15 +308,19 @@ def test_bad_hyperparameters_name_the_fix(name, kwargs, match):
 
 
 def test_misuse_of_the_phases_is_refused():
+    # a closure is a user's choice (closure-style SAM loops): a one-line FlatLoraError;
+    # breaking the perturb / restore / step protocol only a bug can do: a RuntimeError
     model, method = build("flat-lora")
     batch = tiny_batches("bert", 1)[0]
     with pytest.raises(FlatLoraError, match="train_step"):
         method.step(lambda: model(**batch).loss)
-    with pytest.raises(FlatLoraError, match="first-pass gradients"):
+    with pytest.raises(RuntimeError, match="first-pass gradients"):
         method.perturb()
     grads = torch.autograd.grad(model(**batch).loss, method.factor_params)
     method.perturb(grads)
-    with pytest.raises(FlatLoraError, match="restore"):
+    with pytest.raises(RuntimeError, match="twice"):
+        method.perturb(grads)
+    with pytest.raises(RuntimeError, match="restore"):
         method.step()
     method.restore()
     method.step()
@@ -338,3 +342,28 @@ def test_rwp_noise_is_held_across_micro_batches_and_redrawn_each_step():
     assert first.abs().sum() > 0 and torch.equal(first, second)
     method.step()
     assert not torch.equal(noise(), first)  # the next step draws afresh
+
+
+def test_a_method_class_without_a_name_or_with_a_taken_one_is_refused_when_defined():
+    from flatlora.methods import LoRAMethod
+
+    with pytest.raises(TypeError, match="name"):
+
+        class Nameless(LoRAMethod):
+            pass
+
+    with pytest.raises(TypeError, match="'flat-lora' is taken"):
+
+        class Copycat(LoRAMethod):
+            name = "flat-lora"
+
+    assert METHODS["flat-lora"].__name__ == "FlatLoRA"
+
+    class Mine(LoRAMethod):
+        name = "my-lora"
+
+    try:
+        assert METHODS["my-lora"] is Mine
+        assert isinstance(make_method("my-lora", tiny_model("bert")), Mine)
+    finally:
+        del METHODS["my-lora"]

@@ -29,6 +29,9 @@ LossFn = Callable[[], torch.Tensor]
 STATE_KEY = "flatlora"
 STATE_FORMAT = 1
 
+REGISTRY: dict[str, type[LoRAMethod]] = {}
+"""Every method class by its ``name``; a subclass registers itself when it is defined."""
+
 
 class RngSnapshot:
     """The global RNG state (CPU and CUDA) at one moment, to replay the same dropout masks."""
@@ -60,12 +63,33 @@ class LoRAMethod(torch.optim.Optimizer):
             (AdamW) over every parameter that requires grad, with ``lr`` and ``optimizer_kwargs``.
         rho, rho_schedule, rho_min, total_steps: the radius and its schedule (section 5).
         adapter: the adapter to train; by default each layer's active adapters.
+
+    A subclass sets ``name`` (it registers under it in :data:`flatlora.METHODS` when defined)
+    and the flags ``two_pass``, ``uses_rho``, ``needs_plain_lora``, and overrides:
+
+    * ``_perturbation(grads)``: the (tensor, delta) pairs of this step's pass;
+    * ``_before_update(rho)``: work between a finite backward and the base optimizer's step;
+    * ``_extra_state()`` / ``_load_extra_state(extra)``: state beyond ``self.state``;
+    * ``diagnose(loss_fn)``: optional measurements on the step's batch before its passes.
+
+    Breaking the perturb / restore / step protocol (perturb twice, step while perturbed) is a
+    bug and raises ``RuntimeError``; what a user can get wrong raises ``FlatLoraError``.
     """
 
-    name: ClassVar[str] = "lora"
+    name: ClassVar[str] = "lora"  # every subclass sets its own (refused at class definition otherwise)
     two_pass: ClassVar[bool] = False  # needs a first forward/backward to build its perturbation
     uses_rho: ClassVar[bool] = False
     needs_plain_lora: ClassVar[bool] = False  # relies on W = W0 + s B A (refuses DoRA)
+
+    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
+        """Register a method class under its ``name``; ``register=False`` for an abstract helper class.
+
+        Raises:
+            TypeError: the class sets no ``name`` of its own, or the name is taken.
+        """
+        super().__init_subclass__(**kwargs)
+        if register:
+            _register(cls)
 
     def __init__(
         self,
@@ -141,7 +165,7 @@ class LoRAMethod(torch.optim.Optimizer):
                 "or perturb() / forward-backward / restore() / step()"
             )
         if self._clean:
-            raise FlatLoraError("step() called while the weights are perturbed: call restore() after the backward pass")
+            raise RuntimeError("step() called while the weights are perturbed: call restore() after the backward pass")
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         rho = self.rho
         if not _is_finite(grads):
@@ -209,9 +233,9 @@ class LoRAMethod(torch.optim.Optimizer):
         Two-pass methods need ``grads``: the first-pass gradients of :attr:`factor_params`.
         """
         if self._clean:
-            raise FlatLoraError("perturb() called twice without restore(): restore the weights first")
+            raise RuntimeError("perturb() called twice without restore(): restore the weights first")
         if self.two_pass and grads is None:
-            raise FlatLoraError(f"{self.name} needs the first-pass gradients: call perturb(grads)")
+            raise RuntimeError(f"{self.name} needs the first-pass gradients: call perturb(grads)")
         self._apply(self._perturbation(grads))
 
     @torch.no_grad()
@@ -301,3 +325,18 @@ class LoRAMethod(torch.optim.Optimizer):
             grads = [t.grad for t in self.factor_params]
         mats = [(g if g is not None else torch.zeros_like(t)).flatten(1) for g, t in zip(grads, self.factor_params)]
         return mats[0::2], mats[1::2]
+
+
+def _register(cls: type[LoRAMethod]) -> None:
+    name = cls.__dict__.get("name")
+    if not isinstance(name, str) or not name:
+        raise TypeError(
+            f"method class {cls.__qualname__} sets no name: give it a class attribute name = '<method-name>' "
+            "(or define it with register=False if it is an abstract helper)"
+        )
+    if name in REGISTRY:
+        raise TypeError(f"method name {name!r} is taken by {REGISTRY[name].__qualname__}: choose another name")
+    REGISTRY[name] = cls
+
+
+_register(LoRAMethod)

@@ -141,9 +141,21 @@ def _load_object(path: Path) -> dict[str, Any]:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return _load_object(path)
+        info = _load_object(path)
     except (OSError, ValueError) as err:
         raise FlatLoraError(f"cannot read {path} ({err}): repair or delete that run directory") from None
+    check_format(info, path)
+    return info
+
+
+def check_format(info: dict[str, Any], path: str | Path) -> None:
+    """Refuse a run.json written in a newer run format than this flatlora reads."""
+    found = info.get("format", RUN_FORMAT)
+    if isinstance(found, int) and not isinstance(found, bool) and found > RUN_FORMAT:
+        raise FlatLoraError(
+            f"{path} has run format {found}, newer than the {RUN_FORMAT} this flatlora reads: "
+            "upgrade flatlora (pip install -U flatlora) to read it"
+        )
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
@@ -389,10 +401,16 @@ def list_runs(root: str | Path, status: str | None = None) -> list[Run]:
         if any(part.startswith(".") for part in run_json.relative_to(root).parts[:-1]):
             continue  # temporary folders of atomic writes
         try:
-            run = Run(run_json.parent, _load_object(run_json))
+            info = _load_object(run_json)
         except (OSError, ValueError) as err:
             warnings.warn(f"skipping {run_json.parent}: unreadable run.json ({err})", stacklevel=2)
             continue
+        try:
+            check_format(info, run_json)
+        except FlatLoraError as err:
+            warnings.warn(f"skipping {run_json.parent}: {err}", stacklevel=2)
+            continue
+        run = Run(run_json.parent, info)
         if status is None or run.status == status:
             runs.append(run)
     return runs

@@ -1,8 +1,9 @@
-"""Shared test setup: slow tests run only with --runslow or FLATLORA_SLOW=1."""
+"""Shared test setup and fixtures: slow tests run only with --runslow or FLATLORA_SLOW=1."""
 
 from __future__ import annotations
 
 import os
+import random
 import warnings
 
 import pytest
@@ -26,3 +27,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+WORDS = {0: ["awful", "bad", "boring", "dull"], 1: ["great", "good", "lovely", "fun"]}
+"""Words of the two classes of the tiny review task (``csv_file``)."""
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random BERT classifier with the bundled model's tokenizer, saved once per session."""
+    from flatlora.models import save_tiny_text_model
+
+    return save_tiny_text_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def csv_file(tmp_path_factory):
+    """60 short reviews in two classes, as a CSV with text and label columns."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    rows = ["text,label"]
+    for i in range(60):
+        label = i % 2
+        rows.append(f"a {rng.choice(WORDS[label])} film number {i},{label}")
+    path.write_text("\n".join(rows) + "\n")
+    return path

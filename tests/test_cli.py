@@ -3,33 +3,12 @@
 from __future__ import annotations
 
 import json
-import random
-from pathlib import Path
 
 import pytest
+from helpers import snapshot
 
 from flatlora import cli
-from flatlora.models import save_tiny_text_model
 from flatlora.runs import list_runs, load_run
-
-WORDS = {0: ["awful", "bad", "boring", "dull"], 1: ["great", "good", "lovely", "fun"]}
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    return save_tiny_text_model(tmp_path_factory.mktemp("tiny-bert"))
-
-
-@pytest.fixture(scope="session")
-def csv_file(tmp_path_factory):
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("data") / "reviews.csv"
-    rows = ["text,label"]
-    for i in range(60):
-        label = i % 2
-        rows.append(f"a {rng.choice(WORDS[label])} film number {i},{label}")
-    path.write_text("\n".join(rows) + "\n")
-    return path
 
 
 def base_args(csv_file, model_dir, out, *extra):
@@ -53,12 +32,6 @@ def base_args(csv_file, model_dir, out, *extra):
         str(out),
         *extra,
     ]
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    if not root.exists():
-        return {}
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_train_writes_a_complete_run_directory(tmp_path, csv_file, tiny_model_dir):

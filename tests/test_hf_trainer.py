@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import TrainerCallback, TrainingArguments, default_data_collator
+from helpers import STEPS, args_for, examples, trainable
+from transformers import TrainerCallback, default_data_collator
 
 from flatlora import METHODS, FlatLoraError, make_method
-from flatlora.models import tiny_batches, tiny_model
+from flatlora.models import tiny_model
 from flatlora.trainer import FlatLoraTrainer, train_loop
 
-STEPS = 6
 OPTIONS = {
     "lora": {},
     "lora-sam": {"rho": 0.05},
@@ -19,35 +19,6 @@ OPTIONS = {
     "rwp-lora": {"rho": 0.05, "seed": 3},
     "bar": {"rho": 0.05},
 }
-
-
-def examples(n_batches: int = 3, batch_size: int = 8, seed: int = 1) -> list[dict[str, torch.Tensor]]:
-    """The tiny BERT task as single examples (the Trainer batches them in order)."""
-    out = []
-    for batch in tiny_batches("bert", n_batches, batch_size, seed=seed):
-        out += [{k: v[i] for k, v in batch.items()} for i in range(batch_size)]
-    return out
-
-
-def args_for(tmp_path, **overrides) -> TrainingArguments:
-    kwargs = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        max_steps=STEPS,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        weight_decay=0.0,
-        train_sampling_strategy="sequential",
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
-    kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
 
 
 class StopAt(TrainerCallback):
@@ -74,10 +45,6 @@ def run_trainer(tmp_path, name, data, model=None, resume=None, stop_at=None, **a
     )
     trainer.train(resume_from_checkpoint=resume)
     return model, trainer
-
-
-def trainable(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("name", list(METHODS))

@@ -8,6 +8,7 @@ import statistics
 
 import pytest
 import torch
+from helpers import assert_bit_equal, trainable
 from peft import LoraConfig, get_peft_model
 from transformers.pytorch_utils import Conv1D
 
@@ -24,16 +25,6 @@ def build(name, arch="bert", seed=0, **kwargs):
     kwargs.setdefault("lr", 1e-2)
     kwargs.setdefault("total_steps", STEPS)
     return model, make_method(name, model, **kwargs)
-
-
-def trainable(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def assert_bit_equal(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])

@@ -9,6 +9,7 @@ import stat
 
 import pytest
 import torch
+from helpers import snapshot
 from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 
@@ -24,10 +25,6 @@ from flatlora.runs import (
 )
 
 CONFIG = dict(method="eflat-lora", hparams={"rho": 0.05, "lr": 1e-3, "steps": 4}, data={"spec": "x.csv"}, model="m")
-
-
-def snapshot(root):
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_atomic_write_keeps_the_old_file_on_a_crash(tmp_path, monkeypatch):

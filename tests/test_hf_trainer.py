@@ -151,3 +151,45 @@ def test_bf16_autocast_trains_with_clean_fp32_weights(tmp_path, name):
     assert all(v.dtype == torch.float32 for v in after.values())
     assert any(not torch.equal(after[k], before[k]) for k in before)
     assert trainer.method.steps_skipped == 0 and not trainer.method.perturbed
+
+
+def _summed_cross_entropy(outputs, labels, num_items_in_batch=None):
+    loss = torch.nn.functional.cross_entropy(outputs.logits, labels, reduction="sum")
+    return loss / (num_items_in_batch if num_items_in_batch is not None else labels.numel())
+
+
+@pytest.mark.parametrize("how", ["label_smoothing", "compute_loss_func"])
+@pytest.mark.parametrize("name", ["lora", "flat-lora", "eflat-lora"])
+def test_label_smoothing_and_a_custom_loss_train_as_under_the_stock_trainer(tmp_path, name, how):
+    from transformers import Trainer
+
+    data = examples()
+    arg_overrides = {"label_smoothing_factor": 0.1} if how == "label_smoothing" else {}
+    trainer_kwargs = {"compute_loss_func": _summed_cross_entropy} if how == "compute_loss_func" else {}
+    options = {**OPTIONS[name], "diagnostics_every": 1} if name == "eflat-lora" else OPTIONS[name]
+    model = tiny_model("bert")
+    trainer = FlatLoraTrainer(
+        model=model,
+        args=args_for(tmp_path / "ours", learning_rate=1e-3, **arg_overrides),
+        train_dataset=data,
+        data_collator=default_data_collator,
+        method=name,
+        method_kwargs=options,
+        **trainer_kwargs,
+    )
+    trainer.train()
+    history = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+    assert len(history) == STEPS and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    if name == "eflat-lora":
+        assert all("t2_rel_error" in h for h in history)
+    if name == "lora":  # the same arguments under the stock Trainer give the same adapter
+        stock_model = tiny_model("bert")
+        Trainer(
+            model=stock_model,
+            args=args_for(tmp_path / "stock", learning_rate=1e-3, **arg_overrides),
+            train_dataset=data,
+            data_collator=default_data_collator,
+            **trainer_kwargs,
+        ).train()
+        for key, value in trainable(stock_model).items():
+            torch.testing.assert_close(trainable(model)[key], value, rtol=0, atol=1e-6, msg=key)

@@ -9,7 +9,7 @@ from transformers import Trainer
 from flatlora import log_keys as keys
 from flatlora.errors import FlatLoraError
 from flatlora.methods.base import LoRAMethod
-from flatlora.trainer.loss_scaling import model_ignores_num_items
+from flatlora.trainer.loss_scaling import compute_loss, model_ignores_num_items
 from flatlora.trainer.method_log import MethodLog, PopMethodLog
 from flatlora.trainer.two_pass import PERTURBATION_SYNC, first_pass, sync_context
 
@@ -140,7 +140,7 @@ class FlatLoraTrainer(Trainer):
 
         def loss_fn():
             with sync_context(self, model), self.compute_loss_context_manager():
-                return self.compute_loss(model, prepared, num_items_in_batch=num_items_in_batch)
+                return compute_loss(self, model, prepared, num_items_in_batch)
 
         self._method_log.diagnostics = method.diagnose(loss_fn)
 

@@ -13,6 +13,16 @@ from typing import Any
 import torch
 
 
+def compute_loss(trainer: Any, model: torch.nn.Module, prepared: dict, num_items_in_batch: Any) -> torch.Tensor:
+    """``trainer.compute_loss`` on a shallow copy of the prepared inputs.
+
+    The stock ``compute_loss`` pops ``labels`` when a label smoother or ``compute_loss_func``
+    is set, so a dict reused for a second forward (the check below, the first pass, the
+    Theorem-2 closure) would reach the model without labels.
+    """
+    return trainer.compute_loss(model, dict(prepared), num_items_in_batch=num_items_in_batch)
+
+
 @torch.no_grad()
 def model_ignores_num_items(trainer: Any, model: torch.nn.Module, inputs: dict, num_items_in_batch: Any) -> bool:
     """Whether the model's loss is the same for two different ``num_items_in_batch`` (so it ignores it).
@@ -27,8 +37,8 @@ def model_ignores_num_items(trainer: Any, model: torch.nn.Module, inputs: dict, 
     try:
         prepared = trainer._prepare_inputs(inputs)
         with trainer.compute_loss_context_manager():
-            one = trainer.compute_loss(model, prepared, num_items_in_batch=num_items_in_batch)
-            two = trainer.compute_loss(model, prepared, num_items_in_batch=num_items_in_batch * 2)
+            one = compute_loss(trainer, model, prepared, num_items_in_batch)
+            two = compute_loss(trainer, model, prepared, num_items_in_batch * 2)
     finally:
         model.train(was_training)
     return bool(torch.equal(one, two))

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from flatlora.methods.base import LoRAMethod
-from flatlora.trainer.loss_scaling import scaled_like_training_step
+from flatlora.trainer.loss_scaling import compute_loss, scaled_like_training_step
 
 PERTURBATION_SYNC = ("local", "global")
 
@@ -36,7 +36,7 @@ def first_pass(
     prepared = trainer._prepare_inputs(inputs)
     model.train()
     with sync_context(trainer, model), trainer.compute_loss_context_manager():
-        loss = trainer.compute_loss(model, prepared, num_items_in_batch=num_items_in_batch)
+        loss = compute_loss(trainer, model, prepared, num_items_in_batch)
         if trainer.args.n_gpu > 1:
             loss = loss.mean()
     grads = list(torch.autograd.grad(loss, method.factor_params, allow_unused=True))

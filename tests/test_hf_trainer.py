@@ -193,3 +193,31 @@ def test_label_smoothing_and_a_custom_loss_train_as_under_the_stock_trainer(tmp_
         ).train()
         for key, value in trainable(stock_model).items():
             torch.testing.assert_close(trainable(model)[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("rwp-lora", OPTIONS["rwp-lora"]), ("eflat-lora", {"rho": 0.05, "rho_schedule": "cosine", "rho_min": 0.01})],
+)
+def test_epoch_based_training_knows_its_step_count(tmp_path, name, options):
+    # 24 examples in batches of 8: two epochs are the same 6 steps as max_steps=6
+    data = examples()
+
+    def run(folder, **overrides):
+        model = tiny_model("bert")
+        trainer = FlatLoraTrainer(
+            model=model,
+            args=args_for(tmp_path / folder, **overrides),
+            train_dataset=data,
+            data_collator=default_data_collator,
+            method=name,
+            method_kwargs=options,
+        )
+        trainer.train()
+        return model, trainer
+
+    by_epochs, trainer = run("epochs", max_steps=-1, num_train_epochs=2)
+    by_steps, _ = run("steps")
+    assert trainer.method.schedule.total_steps == STEPS and trainer.method.steps_done == STEPS
+    for key, value in trainable(by_steps).items():
+        assert torch.equal(trainable(by_epochs)[key], value), key

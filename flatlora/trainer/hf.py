@@ -106,9 +106,20 @@ class FlatLoraTrainer(Trainer):
         base = super().create_optimizer(model)  # the base optimizer from TrainingArguments
         kwargs = dict(self.method_kwargs)
         if self.method_name != "lora":
-            kwargs.setdefault("total_steps", self._num_training_steps or self.args.max_steps or None)
+            kwargs.setdefault("total_steps", self._total_steps())
         self.optimizer = self._method_class(self.model if model is None else model, base, **kwargs)
         return self.optimizer
+
+    def _total_steps(self) -> int | None:
+        """The run's optimizer steps, however the Trainer came to know them.
+
+        transformers calls ``create_optimizer`` directly (not ``create_optimizer_and_scheduler``)
+        after setting ``state.max_steps``, which covers epoch-based runs (``max_steps=-1``).
+        """
+        for steps in (self._num_training_steps, self.state.max_steps, self.args.max_steps):
+            if steps is not None and steps > 0:
+                return int(steps)
+        return None
 
     # -- a step --------------------------------------------------------------------------------
 

@@ -221,3 +221,26 @@ def test_epoch_based_training_knows_its_step_count(tmp_path, name, options):
     assert trainer.method.schedule.total_steps == STEPS and trainer.method.steps_done == STEPS
     for key, value in trainable(by_steps).items():
         assert torch.equal(trainable(by_epochs)[key], value), key
+
+
+@pytest.mark.parametrize("name", ["lora", "eflat-lora"])
+def test_train_called_twice_continues_with_the_same_method(tmp_path, name):
+    from transformers import Trainer
+
+    data = examples()
+    model, trainer = run_trainer(tmp_path / "ours", name, data, learning_rate=1e-3)
+    method = trainer.method
+    trainer.train()
+    assert trainer.method is method and method.steps_done == 2 * STEPS
+    if name == "lora":  # as the stock Trainer does: the second call goes on with the same optimizer
+        stock_model = tiny_model("bert")
+        stock = Trainer(
+            model=stock_model,
+            args=args_for(tmp_path / "stock", learning_rate=1e-3),
+            train_dataset=data,
+            data_collator=default_data_collator,
+        )
+        stock.train()
+        stock.train()
+        for key, value in trainable(stock_model).items():
+            torch.testing.assert_close(trainable(model)[key], value, rtol=0, atol=1e-6, msg=key)

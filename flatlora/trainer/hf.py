@@ -89,11 +89,15 @@ class FlatLoraTrainer(Trainer):
     @property
     def method(self) -> LoRAMethod:
         """The flatlora method (the optimizer under accelerate's wrapper)."""
+        method = self._built_method()
+        if method is None:
+            raise FlatLoraError("the method is built when training starts: call train() first")
+        return method
+
+    def _built_method(self) -> LoRAMethod | None:
         optimizer = self.optimizer
         while optimizer is not None and not isinstance(optimizer, LoRAMethod):
             optimizer = getattr(optimizer, "optimizer", None)
-        if optimizer is None:
-            raise FlatLoraError("the method is built when training starts: call train() first")
         return optimizer
 
     def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
@@ -101,8 +105,10 @@ class FlatLoraTrainer(Trainer):
         super().create_optimizer_and_scheduler(num_training_steps)
 
     def create_optimizer(self, model=None):
-        if isinstance(self.optimizer, LoRAMethod):
-            return self.optimizer
+        built = self._built_method()
+        if built is not None:  # a second train(): go on with the same method, as the stock Trainer does
+            self.optimizer = built  # unwrapped, so that accelerate wraps it once
+            return built
         base = super().create_optimizer(model)  # the base optimizer from TrainingArguments
         kwargs = dict(self.method_kwargs)
         if self.method_name != "lora":

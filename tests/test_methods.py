@@ -358,3 +358,48 @@ def test_a_method_class_without_a_name_or_with_a_taken_one_is_refused_when_defin
         assert isinstance(make_method("my-lora", tiny_model("bert")), Mine)
     finally:
         del METHODS["my-lora"]
+
+
+def two_adapter_model():
+    """A tiny LLaMA with two active LoRA adapters on every adapted layer (both trainable)."""
+    from peft.tuners.lora import LoraLayer
+
+    model = tiny_model("llama")
+    model.add_adapter("second", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.set_adapter(["default", "second"])
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(True)
+    return model
+
+
+def test_rwp_with_two_adapters_on_a_layer_leaves_the_base_weights_clean():
+    model = two_adapter_model()
+    method = make_method("rwp-lora", model, rho=0.5, total_steps=4, seed=1)
+    assert len(method.pairs) == 8  # 2 layers x (q_proj, v_proj) x 2 adapters
+    with torch.no_grad():
+        for pair in method.pairs:
+            pair.B.normal_()
+    bases = {id(p.base_weight()): p.base_weight() for p in method.pairs}
+    clean = {k: w.detach().clone() for k, w in bases.items()}
+    train_loop(model, method, tiny_batches("llama", 2), 3)
+    for key, weight in bases.items():
+        assert torch.equal(weight, clean[key])
+    # one noise per base weight, its sigma from the whole merged weight W0 + sum_k s_k B_k A_k
+    method.steps_done = 2  # f_t = 1/2
+    first = method.pairs[0]
+    W0 = first.base_weight()
+    merged = W0.detach().clone()
+    for pair in method.pairs:
+        if pair.base_weight() is W0:
+            merged += pair.scaling * pair.B.detach() @ pair.A.detach()
+    before = W0.detach().clone()
+    method.perturb()
+    delta = W0.detach() - before
+    method.restore()
+    expected = 0.5 * 0.5 * merged.norm(dim=1) / math.sqrt(merged.shape[1])
+    variance_ratio = (delta.square().mean(dim=1) / expected.square()).mean()
+    assert 0.85 < variance_ratio < 1.15, variance_ratio  # with one adapter's sigma it is about 1/2
+    assert torch.equal(W0, before)

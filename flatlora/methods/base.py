@@ -247,8 +247,11 @@ class LoRAMethod(torch.optim.Optimizer):
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Copy the clean weights back exactly (subtracting the perturbation would drift)."""
-        for target, clean in self._clean:
+        """Copy the clean weights back exactly (subtracting the perturbation would drift).
+
+        In reverse order, so that a tensor moved twice (say, by two pairs) ends at its first clone.
+        """
+        for target, clean in reversed(self._clean):
             target.copy_(clean)
         self._clean = []
 

@@ -66,14 +66,23 @@ class RWPLoRA(LoRAMethod):
             self._drawn_at = self.steps_done
             self._step_states = {key: g.get_state() for key, g in self._generators.items()}
         moves = []
-        for pair in self.pairs:
-            W0 = pair.base_weight()
-            layout = W0.T if pair.base_transposed else W0.flatten(1)  # (m, n) like B @ A
-            merged = layout.float() + pair.scaling * (pair.b_matrix.float() @ pair.a_matrix.float())
+        for W0, pairs in self._pairs_by_base():
+            transposed = pairs[0].base_transposed
+            merged = (W0.T if transposed else W0.flatten(1)).float()  # (m, n) like B @ A
+            for pair in pairs:  # every active adapter on this layer: W' = W0 + sum_k s_k B_k A_k
+                merged = merged + pair.scaling * (pair.b_matrix.float() @ pair.a_matrix.float())
             sigma = scale * merged.norm(dim=1, keepdim=True) / math.sqrt(merged.shape[1])
             noise = torch.randn(merged.shape, generator=self._generator(W0.device), device=W0.device) * sigma
-            moves.append((W0, (noise.T if pair.base_transposed else noise).to(W0.dtype)))
+            moves.append((W0, (noise.T if transposed else noise).reshape(W0.shape).to(W0.dtype)))
         return moves
+
+    def _pairs_by_base(self) -> list[tuple[torch.Tensor, list]]:
+        """The pairs grouped by their base weight, in module order: one noise per distinct W0."""
+        groups: dict[int, tuple[torch.Tensor, list]] = {}
+        for pair in self.pairs:
+            W0 = pair.base_weight()
+            groups.setdefault(id(W0), (W0, []))[1].append(pair)
+        return list(groups.values())
 
     def _extra_state(self) -> dict[str, Any]:
         return {"seed": self.seed, "generators": {k: g.get_state() for k, g in self._generators.items()}}

@@ -403,3 +403,26 @@ def test_rwp_with_two_adapters_on_a_layer_leaves_the_base_weights_clean():
     variance_ratio = (delta.square().mean(dim=1) / expected.square()).mean()
     assert 0.85 < variance_ratio < 1.15, variance_ratio  # with one adapter's sigma it is about 1/2
     assert torch.equal(W0, before)
+
+
+def test_rwp_resumes_its_noise_stream_on_a_rank_whose_device_is_named_otherwise():
+    # Under DDP only rank 0 saves the optimizer state: on GPUs its generator is on cuda:0 while
+    # rank 1's is on cuda:1. Faked here on CPU by renaming the saved stream: every rank must
+    # still resume the stream (all ranks draw the same noise, as one process would).
+    kwargs = dict(rho=0.5, total_steps=6, seed=4)
+    data = tiny_batches("bert", 3, seed=3)
+    full_model, full = build("rwp-lora", **kwargs)
+    train_loop(full_model, full, data, 6)
+
+    first_model, first = build("rwp-lora", **kwargs)
+    train_loop(first_model, first, data, 3)
+    state = first.state_dict()
+    extra = state["flatlora"]["extra"]
+    (stream,) = extra["generators"].values()
+    extra["generators"] = {"cuda:0": stream}
+
+    resumed_model, resumed = build("rwp-lora", **kwargs)
+    resumed_model.load_state_dict(first_model.state_dict())
+    resumed.load_state_dict(state)
+    train_loop(resumed_model, resumed, data, 3)
+    assert_bit_equal(trainable(resumed_model), trainable(full_model))

@@ -244,3 +244,23 @@ def test_train_called_twice_continues_with_the_same_method(tmp_path, name):
         stock.train()
         for key, value in trainable(stock_model).items():
             torch.testing.assert_close(trainable(model)[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_theorem2_check_runs_in_train_mode_on_the_first_step_and_after_evaluations(tmp_path):
+    # with dropout, the check's EMA-point loss replays the step's own masks only in train mode
+    data = examples()
+    model = tiny_model("bert", lora_dropout=0.3)
+    model.eval()  # as from_pretrained leaves a model
+    trainer = FlatLoraTrainer(
+        model=model,
+        args=args_for(tmp_path, eval_strategy="steps", eval_steps=2),
+        train_dataset=data,
+        eval_dataset=examples(1),
+        data_collator=default_data_collator,
+        method="eflat-lora",
+        method_kwargs={"rho": 0.05, "diagnostics_every": 1},
+    )
+    trainer.train()
+    history = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+    assert len(history) == STEPS
+    assert [h["t2_ema_loss"] for h in history] == pytest.approx([h["loss"] for h in history], abs=1e-6)

@@ -153,6 +153,9 @@ class FlatLoraTrainer(Trainer):
         return loss
 
     def _diagnose(self, method: LoRAMethod, model, inputs, num_items_in_batch) -> None:
+        """The method's optional check on this step's batch, in train mode like the step itself
+        (the stock training_step sets it only later; a fresh model or an evaluation leaves eval mode)."""
+        model.train()
         prepared = self._prepare_inputs(inputs)
 
         def loss_fn():

@@ -264,3 +264,21 @@ def test_theorem2_check_runs_in_train_mode_on_the_first_step_and_after_evaluatio
     history = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
     assert len(history) == STEPS
     assert [h["t2_ema_loss"] for h in history] == pytest.approx([h["loss"] for h in history], abs=1e-6)
+
+
+def test_optimizer_kwargs_are_refused_where_a_base_optimizer_is_given(tmp_path):
+    model = tiny_model("bert")
+    with pytest.raises(FlatLoraError, match=r"optimizer_kwargs.*TrainingArguments") as info:
+        FlatLoraTrainer(
+            model=model,
+            args=args_for(tmp_path),
+            train_dataset=examples(1),
+            method="eflat-lora",
+            method_kwargs={"optimizer_kwargs": {"weight_decay": 0.1}},
+        )
+    assert "\n" not in str(info.value)
+    base = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with pytest.raises(FlatLoraError, match="optimizer_kwargs"):
+        make_method("lora", model, base_optimizer=base, optimizer_kwargs={"momentum": 0.9})
+    with pytest.raises(FlatLoraError, match="optimizer_cls"):
+        make_method("lora", model, base_optimizer=base, optimizer_cls=torch.optim.Adam)

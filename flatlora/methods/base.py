@@ -60,7 +60,8 @@ class LoRAMethod(torch.optim.Optimizer):
     Args:
         model: a peft LoRA model.
         base_optimizer: the optimizer that updates the weights; by default ``optimizer_cls``
-            (AdamW) over every parameter that requires grad, with ``lr`` and ``optimizer_kwargs``.
+            (AdamW) over every parameter that requires grad, with ``lr`` and ``optimizer_kwargs``
+            (which are refused alongside a given ``base_optimizer``, as they would be ignored).
         rho, rho_schedule, rho_min, total_steps: the radius and its schedule (section 5).
         adapter: the adapter to train; by default each layer's active adapters.
 
@@ -102,7 +103,7 @@ class LoRAMethod(torch.optim.Optimizer):
         rho_min: float = 0.0,
         total_steps: int | None = None,
         adapter: str | None = None,
-        optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
+        optimizer_cls: type[torch.optim.Optimizer] | None = None,
         optimizer_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.pairs: list[LoraPair] = find_lora_pairs(model, adapter)
@@ -115,7 +116,14 @@ class LoRAMethod(torch.optim.Optimizer):
                     f"{self.name} perturbs LoRA factors that do not require grad ({frozen[0]}, ...): "
                     "train the adapter with is_trainable=True / requires_grad_(True)"
                 )
+        if base_optimizer is not None and (optimizer_cls is not None or optimizer_kwargs):
+            given = "optimizer_cls" if optimizer_cls is not None else "optimizer_kwargs"
+            raise FlatLoraError(
+                f"{given} builds the base optimizer, but base_optimizer= is given and would ignore it: "
+                "set those options where you build base_optimizer, or drop base_optimizer="
+            )
         if base_optimizer is None:
+            optimizer_cls = optimizer_cls or torch.optim.AdamW
             trainable = [p for p in model.parameters() if p.requires_grad]
             if not trainable:
                 raise FlatLoraError("the model has no parameter that requires grad: load the adapter as trainable")

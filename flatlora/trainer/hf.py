@@ -55,11 +55,13 @@ class FlatLoraTrainer(Trainer):
 
         cls = get_method_class(method)
         method_kwargs = dict(method_kwargs or {})
-        unknown = set(method_kwargs) - (method_options(method) - {"base_optimizer", "lr", "optimizer_cls"})
+        base_options = {"base_optimizer", "lr", "optimizer_cls", "optimizer_kwargs"}  # TrainingArguments' business
+        unknown = set(method_kwargs) - (method_options(method) - base_options)
         if unknown:
             raise FlatLoraError(
                 f"option(s) {', '.join(sorted(unknown))} do not apply to method {method} under the Trainer: "
-                "set the learning rate and optimizer in TrainingArguments"
+                "set the learning rate and the base optimizer in TrainingArguments "
+                "(learning_rate, optim, optim_args, weight_decay, adam_beta1, ...)"
             )
         if perturbation_sync not in PERTURBATION_SYNC:
             raise FlatLoraError(f"unknown perturbation_sync {perturbation_sync!r}: use local or global")

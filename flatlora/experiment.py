@@ -108,8 +108,11 @@ class TrainConfig:
 
 
 def validate(config: TrainConfig) -> None:
-    """Check the numbers of a config, each with the fix in the message."""
+    """Check the numbers of a config and the precision the device can train in, each with the fix."""
+    import torch
+
     from flatlora.methods import get_method_class
+    from flatlora.precision import check_precision
 
     get_method_class(config.method)
     positive = {"steps": config.steps, "batch_size": config.batch_size, "grad_accum": config.grad_accum, "r": config.r}
@@ -118,8 +121,7 @@ def validate(config: TrainConfig) -> None:
             raise FlatLoraError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
     if not (config.lr > 0 and math.isfinite(config.lr)):
         raise FlatLoraError(f"--lr must be a positive number, got {config.lr}")
-    if config.precision not in ("fp32", "bf16", "fp16"):
-        raise FlatLoraError(f"unknown precision {config.precision!r}: use fp32, bf16 or fp16")
+    check_precision(config.precision, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def prepare_data(config: TrainConfig):

@@ -177,3 +177,20 @@ def test_demo_reuses_only_runs_of_the_same_settings(tmp_path, monkeypatch, capsy
     assert cli.main([*argv, "--shots", "8"]) == 0  # other data: retrained
     assert calls == [("lora", 16), ("eflat-lora", 16), ("lora", 8), ("eflat-lora", 8)]
     assert "| eflat-lora |          50.0 |" in capsys.readouterr().out
+
+
+def test_fp16_trains_on_cpu_or_is_refused_in_one_line_before_anything_is_written(
+    tmp_path, csv_file, tiny_model_dir, capsys, monkeypatch
+):
+    import flatlora.precision
+
+    out = tmp_path / "run"
+    argv = ["train", "--method", "flat-lora", "--precision", "fp16", *base_args(csv_file, tiny_model_dir, out)]
+    assert cli.main(argv) == 0
+    assert load_run(out).status == "done" and load_run(out).hparams["precision"] == "fp16"
+    monkeypatch.setattr(flatlora.precision, "cpu_fp16_autocast_available", lambda: False)
+    other = tmp_path / "refused"
+    assert cli.main([*argv[:-1], str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flatlora: error: --precision fp16") and "\n" not in err and "bf16" in err
+    assert not other.exists()

@@ -282,3 +282,29 @@ def test_optimizer_kwargs_are_refused_where_a_base_optimizer_is_given(tmp_path):
         make_method("lora", model, base_optimizer=base, optimizer_kwargs={"momentum": 0.9})
     with pytest.raises(FlatLoraError, match="optimizer_cls"):
         make_method("lora", model, base_optimizer=base, optimizer_cls=torch.optim.Adam)
+
+
+def test_fp16_on_cpu_trains_under_autocast_with_a_loss_scaler(tmp_path):
+    model = tiny_model("bert")
+    before = trainable(model)
+    dtypes = set()
+    hook = model.base_model.model.bert.encoder.layer[0].attention.self.query.register_forward_hook(
+        lambda module, args, out: dtypes.add(out.dtype)
+    )
+    _, trainer = run_trainer(tmp_path, "eflat-lora", examples(), model=model, fp16=True, max_steps=3)
+    hook.remove()
+    assert isinstance(trainer.accelerator.scaler, torch.amp.GradScaler)
+    assert dtypes == {torch.float16}
+    after = trainable(model)
+    assert all(v.dtype == torch.float32 for v in after.values()) and any(
+        not torch.equal(after[k], before[k]) for k in before
+    )
+    assert trainer.method.steps_done == 3 and not trainer.method.perturbed
+
+
+def test_fp16_refused_in_one_line_where_cpu_autocast_lacks_it(tmp_path, monkeypatch):
+    import flatlora.precision
+
+    monkeypatch.setattr(flatlora.precision, "cpu_fp16_autocast_available", lambda: False)
+    with pytest.raises(FlatLoraError, match=r"fp16 needs float16 autocast.*bf16 or fp32"):
+        run_trainer(tmp_path, "lora", examples(1), fp16=True)

@@ -9,6 +9,7 @@ from transformers import Trainer
 from flatlora import log_keys as keys
 from flatlora.errors import FlatLoraError
 from flatlora.methods.base import LoRAMethod
+from flatlora.precision import enable_cpu_fp16
 from flatlora.trainer.loss_scaling import compute_loss, model_ignores_num_items
 from flatlora.trainer.method_log import MethodLog, PopMethodLog
 from flatlora.trainer.two_pass import PERTURBATION_SYNC, first_pass, sync_context
@@ -71,6 +72,7 @@ class FlatLoraTrainer(Trainer):
                 "through TrainingArguments (optim, learning_rate, weight_decay), not optimizers="
             )
         super().__init__(*args, **kwargs)
+        enable_cpu_fp16(self.accelerator)  # fp16 on CPU: autocast and a loss scaler, or a one-line refusal
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise FlatLoraError(
                 "flatlora methods need whole LoRA factors and their gradients, which DeepSpeed and FSDP shard: "

@@ -308,3 +308,53 @@ def test_fp16_refused_in_one_line_where_cpu_autocast_lacks_it(tmp_path, monkeypa
     monkeypatch.setattr(flatlora.precision, "cpu_fp16_autocast_available", lambda: False)
     with pytest.raises(FlatLoraError, match=r"fp16 needs float16 autocast.*bf16 or fp32"):
         run_trainer(tmp_path, "lora", examples(1), fp16=True)
+
+
+def _tiny_loss(outputs, labels, num_items_in_batch=None):
+    return torch.nn.functional.cross_entropy(outputs.logits.float(), labels) * 1e-5
+
+
+def test_fp16_first_pass_goes_through_the_loss_scaler(tmp_path):
+    # a small loss: unscaled, its fp16 activation gradients underflow and the perturbation vanishes
+    trainer = FlatLoraTrainer(
+        model=tiny_model("bert"),
+        args=args_for(tmp_path, fp16=True, max_steps=3, learning_rate=1e-3),
+        train_dataset=examples(),
+        data_collator=default_data_collator,
+        method="flat-lora",
+        method_kwargs={"rho": 0.05},
+        compute_loss_func=_tiny_loss,
+    )
+    trainer.train()
+    history = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+    assert history[0]["realized_norm"] == pytest.approx(0.05, rel=1e-3)  # B = 0: the whole radius
+    assert all(h["realized_norm"] > 0.01 for h in history)
+
+
+@pytest.mark.parametrize("name", ["lora", "flat-lora", "eflat-lora"])
+def test_fp16_steps_the_scaler_skips_are_counted_and_logged_as_in_the_plain_loop(tmp_path, name):
+    model = tiny_model("bert")
+    trainer = FlatLoraTrainer(
+        model=model,
+        args=args_for(tmp_path, fp16=True),
+        train_dataset=examples(),
+        data_collator=default_data_collator,
+        method=name,
+        method_kwargs=OPTIONS[name],
+    )
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**21)  # overflows at first
+    trainer.train()
+    method = trainer.method
+    history = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+    skipped = [h["skipped"] for h in history]
+    assert method.steps_done == STEPS and 1 <= method.steps_skipped < STEPS
+    assert sum(skipped) == method.steps_skipped and skipped[0] == 1.0
+    # every record carries what the plain loop logs for a step, skipped or not
+    ref_model = tiny_model("bert")
+    ref = make_method(name, ref_model, total_steps=STEPS, **OPTIONS[name])
+    batch = default_data_collator(examples(1))
+    plain = ref.train_step(lambda: ref_model(**batch).loss * float("inf"))
+    assert plain["skipped"] == 1.0
+    expected = {k for k, v in plain.items() if not isinstance(v, list)}
+    for record in history:
+        assert expected <= set(record), expected - set(record)

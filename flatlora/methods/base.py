@@ -176,13 +176,27 @@ class LoRAMethod(torch.optim.Optimizer):
             raise RuntimeError("step() called while the weights are perturbed: call restore() after the backward pass")
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         rho = self.rho
-        if not _is_finite(grads):
-            self.steps_skipped += 1
-            self._log[keys.SKIPPED] = 1.0
-        else:
+        finite = _is_finite(grads)
+        if finite:
             self._before_update(rho)
             self.base_optimizer.step()
-            self._log[keys.SKIPPED] = 0.0
+        self._end_step(rho, skipped=not finite)
+
+    @torch.no_grad()
+    def skip_step(self) -> None:
+        """Account a step whose update was skipped outside the method, as step() does a non-finite one.
+
+        An fp16 loss scaler that finds an overflow never calls step(); the Trainer calls this
+        instead, so step counts, the rho schedule and the log match the plain loop.
+        """
+        if self._clean:
+            raise RuntimeError("skip_step() called while the weights are perturbed: call restore() first")
+        self._end_step(self.rho, skipped=True)
+
+    def _end_step(self, rho: float, skipped: bool) -> None:
+        if skipped:
+            self.steps_skipped += 1
+        self._log[keys.SKIPPED] = float(skipped)
         self.steps_done += 1
         if self.uses_rho:
             self._log[keys.RHO] = rho

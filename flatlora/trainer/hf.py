@@ -169,7 +169,10 @@ class FlatLoraTrainer(Trainer):
         self._method_log.diagnostics = method.diagnose(loss_fn)
 
     def _after_optimizer_step(self) -> None:
-        self._method_log.end_step(self.method)
+        method = self.method
+        if self.accelerator.optimizer_step_was_skipped:  # the fp16 loss scaler found an overflow
+            method.skip_step()
+        self._method_log.end_step(method)
         self._step_started = False
 
     # -- logging -------------------------------------------------------------------------------

@@ -39,10 +39,24 @@ def first_pass(
         loss = compute_loss(trainer, model, prepared, num_items_in_batch)
         if trainer.args.n_gpu > 1:
             loss = loss.mean()
-    grads = list(torch.autograd.grad(loss, method.factor_params, allow_unused=True))
+    grads = _loss_scaled_grads(trainer.accelerator.scaler, loss, method.factor_params)
     if trainer.perturbation_sync == "global" and trainer.accelerator.num_processes > 1:
         grads = all_reduce_mean(method.factor_params, grads, trainer.accelerator.num_processes)
     return grads, scaled_like_training_step(trainer, loss.detach(), num_items_in_batch)
+
+
+def _loss_scaled_grads(scaler: Any, loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """d loss / d params, through the fp16 loss scaler when there is one (as the second pass goes).
+
+    Without it, fp16 activation gradients of a small loss underflow to zero and the
+    perturbation vanishes. An overflow gives non-finite gradients, hence a non-finite second
+    pass, and the scaler skips that step as it skips any other.
+    """
+    if scaler is None:
+        return list(torch.autograd.grad(loss, params, allow_unused=True))
+    grads = torch.autograd.grad(scaler.scale(loss), params, allow_unused=True)
+    inverse = 1.0 / scaler.get_scale()
+    return [None if g is None else g * inverse for g in grads]
 
 
 def all_reduce_mean(

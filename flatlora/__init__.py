@@ -34,7 +34,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "flatlora.perturbation": ("flat_lora_eps_b",),
     # training
     "flatlora.trainer": ("FlatLoraTrainer", "evaluate", "train_loop"),
-    "flatlora.models": ("load_classifier", "tiny_batches", "tiny_model"),
+    "flatlora.models": ("load_adapter", "load_classifier", "tiny_batches", "tiny_model"),
     "flatlora.data": ("load_data", "make_few_shot"),
     # run directories
     "flatlora.runs": ("Run", "RunDir", "list_runs", "load_run"),
@@ -60,6 +60,7 @@ __all__ = [
     "find_lora_pairs",
     "flat_lora_eps_b",
     "list_runs",
+    "load_adapter",
     "load_classifier",
     "load_data",
     "load_run",
@@ -88,7 +89,7 @@ if TYPE_CHECKING:
     from flatlora.data import load_data, make_few_shot
     from flatlora.lora import LoraPair, find_lora_pairs
     from flatlora.methods import BAR, METHODS, EFlatLoRA, FlatLoRA, LoRAMethod, LoRASAM, RWPLoRA, make_method
-    from flatlora.models import load_classifier, tiny_batches, tiny_model
+    from flatlora.models import load_adapter, load_classifier, tiny_batches, tiny_model
     from flatlora.perturbation import flat_lora_eps_b
     from flatlora.runs import Run, RunDir, list_runs, load_run
     from flatlora.schedules import RhoSchedule

@@ -164,7 +164,7 @@ def train_run(config: TrainConfig, out: str | Path, *, resume: bool = False, ove
 
     from flatlora.data import TextClassificationCollator
     from flatlora.methods import make_method
-    from flatlora.models import load_classifier
+    from flatlora.models import canonical_model_id, load_classifier
     from flatlora.runs import RunDir, latest_checkpoint, load_run
     from flatlora.trainer import FlatLoraTrainer
 
@@ -185,7 +185,7 @@ def train_run(config: TrainConfig, out: str | Path, *, resume: bool = False, ove
     )
     # Build the method once on the model now, so that its options are checked before anything is written.
     make_method(config.method, model, lr=config.lr, total_steps=config.steps, **config.method_kwargs())
-    model_id = config.model or "all-MiniLM-L6-v2"
+    model_id = canonical_model_id(config.model)
     data = {**config.data_spec(), "label_names": train.label_names, "sizes": {k: len(v) for k, v in splits.items()}}
     hparams = config.hparams()
     is_main = _rank() == 0

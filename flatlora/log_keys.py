@@ -69,10 +69,22 @@ GRAD_NORM = "grad_norm"
 EPOCH = "epoch"
 """Trainer: epochs done (fractional)."""
 
-# -- the run's end (flatlora.experiment) -------------------------------------------------------
+# -- the records of a CLI run's metrics.jsonl (flatlora.run_callbacks) ----------------------------
 
+PHASE = "phase"
+"""What a record of metrics.jsonl is: one of the four PHASE_* values below (absent in older runs)."""
+PHASE_TRAIN = "train"
+"""A training record: the step's method quantities, averaged over the logging interval."""
+PHASE_EVAL = "eval"
+"""A dev-set evaluation during training (--eval-every): eval_loss, eval_accuracy, ..."""
+PHASE_SUMMARY = "summary"
+"""The end of training, once per run: train_runtime (this attempt's seconds) and train_loss."""
+PHASE_FINAL = "final"
+"""A final evaluation of one split: <split>_loss and <split>_accuracy, as in run.json's metrics."""
 TRAIN_RUNTIME = "train_runtime"
-"""The Trainer's summary record of the run (seconds of this attempt); train_loss is then the mean step loss."""
+"""Seconds the attempt spent training (summary record; final train-split evaluation: its own seconds)."""
+TRAIN_LOSS = "train_loss"
+"""Summary record: the mean step loss of the whole run, resumes included; final record: loss on the train split."""
 FINAL_SPLITS = ("train", "dev", "test")
 """Splits evaluated once at the end, each as a record with ``<split>_loss`` and ``<split>_accuracy``."""
 

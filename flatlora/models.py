@@ -293,11 +293,12 @@ def load_adapter(
     return model, tokenizer
 
 
-def save_tiny_text_model(folder, *, num_labels: int = 2, seed: int = 0) -> str:
+def save_tiny_text_model(folder, *, num_labels: int = 2, seed: int = 0, dropout: float | None = None) -> str:
     """Write a tiny random BERT classifier with the default model's tokenizer to ``folder``.
 
     For tests and quick trials of the real loading path (``load_classifier(folder)``) without
-    a 22M-parameter model. Returns the folder as a string.
+    a 22M-parameter model. ``dropout`` sets its hidden and attention dropout (BERT's 0.1 by
+    default; 0 makes runs on several processes comparable with one). Returns the folder.
     """
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
@@ -310,6 +311,7 @@ def save_tiny_text_model(folder, *, num_labels: int = 2, seed: int = 0) -> str:
         intermediate_size=64,
         max_position_embeddings=128,
         num_labels=num_labels,
+        **({} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}),
     )
     torch.manual_seed(seed)
     BertForSequenceClassification(config).save_pretrained(folder)

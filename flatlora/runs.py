@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from flatlora import log_keys as keys
 from flatlora.atomic import _jsonable, atomic_directory, atomic_write_json, atomic_write_text
 from flatlora.errors import FlatLoraError
 
@@ -121,6 +122,53 @@ class RunDir:
         return self.path / "checkpoint"
 
     @classmethod
+    def check(
+        cls,
+        path: str | Path,
+        *,
+        method: str,
+        hparams: dict[str, Any],
+        data: dict[str, Any],
+        model: str,
+        resume: bool = False,
+        overwrite: bool = False,
+    ) -> str:
+        """What :meth:`create` would do with ``path``, writing nothing: ``"new"``, ``"resume"`` or ``"overwrite"``.
+
+        Raises the refusals of :meth:`create` (a file, a folder holding something else, another
+        run, a finished run, an unfinished one without ``resume``), so that every rank of a
+        multi-process run can check before rank 0 writes.
+        """
+        run = cls(path)
+        wanted = config_of({"method": method, "hparams": hparams, "data": data, "model": model})
+        if run.path.exists() and not run.path.is_dir():
+            raise FlatLoraError(f"{run.path} is a file, not a folder: choose another --out")
+        occupied = run.path.is_dir() and any(run.path.iterdir())
+        if not occupied:
+            return "new"
+        if overwrite:
+            return "overwrite"
+        if not run.run_json.exists():
+            raise FlatLoraError(
+                f"{run.path} is not empty and holds no run: choose an empty or new --out, or pass --overwrite"
+            )
+        info = _read_json(run.run_json)
+        differ = _differences(config_of(info), wanted)
+        if differ:
+            raise FlatLoraError(
+                f"{run.path} holds a different run (differs in {', '.join(differ[:5])}): "
+                "choose another --out, or pass --overwrite to replace it"
+            )
+        if info.get("status") == "done":
+            raise FlatLoraError(f"{run.path} holds this run, finished: pass --overwrite to train it again")
+        if not resume:
+            raise FlatLoraError(
+                f"{run.path} holds an unfinished run of this config: pass --resume to continue it, "
+                "or --overwrite to start over"
+            )
+        return "resume"
+
+    @classmethod
     def create(
         cls,
         path: str | Path,
@@ -134,32 +182,13 @@ class RunDir:
     ) -> RunDir:
         """Start (or, with ``resume``, continue) a run in ``path``; refusals write nothing."""
         run = cls(path)
-        wanted = config_of({"method": method, "hparams": hparams, "data": data, "model": model})
-        if run.path.exists() and not run.path.is_dir():
-            raise FlatLoraError(f"{run.path} is a file, not a folder: choose another --out")
-        occupied = run.path.is_dir() and any(run.path.iterdir())
-        if occupied and not overwrite:
-            if not run.run_json.exists():
-                raise FlatLoraError(
-                    f"{run.path} is not empty and holds no run: choose an empty or new --out, or pass --overwrite"
-                )
-            info = _read_json(run.run_json)
-            differ = _differences(config_of(info), wanted)
-            if differ:
-                raise FlatLoraError(
-                    f"{run.path} holds a different run (differs in {', '.join(differ[:5])}): "
-                    "choose another --out, or pass --overwrite to replace it"
-                )
-            if info.get("status") == "done":
-                raise FlatLoraError(f"{run.path} holds this run, finished: pass --overwrite to train it again")
-            if not resume:
-                raise FlatLoraError(
-                    f"{run.path} holds an unfinished run of this config: pass --resume to continue it, "
-                    "or --overwrite to start over"
-                )
+        identity = {"method": method, "hparams": hparams, "data": data, "model": model}
+        action = cls.check(path, **identity, resume=resume, overwrite=overwrite)
+        wanted = config_of(identity)
+        if action == "resume":
             run.update(status="running", error=None)
             return run
-        if occupied:  # overwrite
+        if action == "overwrite":
             shutil.rmtree(run.path)
         run.path.mkdir(parents=True, exist_ok=True)
         now = _now()
@@ -219,8 +248,16 @@ class RunDir:
         return read_metrics_file(self.metrics_file)
 
     def truncate_metrics(self, after_step: int) -> None:
-        """Keep the records of steps <= ``after_step`` (a resume re-logs the steps after it)."""
-        kept = [r for r in self.read_metrics() if r.get("step", 0) <= after_step]
+        """Keep what a resume from step ``after_step`` keeps: the records of steps <= ``after_step``.
+
+        The run's final evaluations (``phase`` "final") go whatever their step: a resume writes
+        them anew, so a run killed during its final evaluation gets no duplicate records.
+        """
+        kept = [
+            r
+            for r in self.read_metrics()
+            if r.get(keys.STEP, 0) <= after_step and r.get(keys.PHASE) != keys.PHASE_FINAL
+        ]
         atomic_write_text(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
 
     def save_adapter(self, model: Any, step: int | None = None) -> Path:

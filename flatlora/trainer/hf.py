@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from transformers import Trainer
 
 from flatlora import log_keys as keys
@@ -180,6 +181,20 @@ class FlatLoraTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the method's quantities, averaged over the steps since the last log."""
         if self._method_log.records and keys.LOSS in logs:
-            for key, value in self._method_log.pop_means().items():
+            means = self._method_log.pop_means()
+            if self.accelerator.num_processes > 1:
+                means = self._mean_over_ranks(means)
+            for key, value in means.items():
                 logs.setdefault(key, value)
         super().log(logs, start_time)
+
+    def _mean_over_ranks(self, means: dict[str, float]) -> dict[str, float]:
+        """Average the method's quantities over ranks (every rank logs the same keys at the same step).
+
+        Per-rank figures (a two-pass method's perturbed loss on the rank's share of the batch)
+        then read as the global batch's, as the Trainer's own loss does.
+        """
+        names = sorted(means)
+        values = torch.tensor([means[k] for k in names], dtype=torch.float64, device=self.args.device)
+        values = self.accelerator.reduce(values, reduction="mean")
+        return dict(zip(names, values.tolist()))

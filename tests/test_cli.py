@@ -194,3 +194,22 @@ def test_fp16_trains_on_cpu_or_is_refused_in_one_line_before_anything_is_written
     err = capsys.readouterr().err.strip()
     assert err.startswith("flatlora: error: --precision fp16") and "\n" not in err and "bf16" in err
     assert not other.exists()
+
+
+def test_progress_is_a_plain_line_per_log_when_stderr_is_not_a_terminal(tmp_path, csv_file, tiny_model_dir, capsys):
+    from flatlora import make_method
+    from flatlora.models import tiny_batches, tiny_model
+    from flatlora.trainer import train_loop
+
+    args = [a for a in base_args(csv_file, tiny_model_dir, tmp_path / "run") if a != "--no-progress"]
+    assert cli.main(["train", "--method", "flat-lora", *args]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    steps = [line for line in err.splitlines() if ": step " in line and " loss " in line]
+    assert [line.split()[2] for line in steps] == ["1/4", "2/4", "3/4", "4/4"]
+    assert any("test_accuracy" in line for line in err.splitlines())
+
+    model = tiny_model("bert")
+    train_loop(model, make_method("lora", model), tiny_batches("bert", 2), 20, progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err and [line.split()[2] for line in err.splitlines()] == [f"{k}/20" for k in range(2, 21, 2)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -56,7 +58,8 @@ def train_loop(
 
     Each step is ``method.train_step`` on one batch, so two-pass methods see the same batch
     twice. Returns one log record per step (``step``, ``lr``, ``loss`` and the method's
-    quantities); ``callback`` gets each record as it is made.
+    quantities); ``callback`` gets each record as it is made. ``progress`` shows a tqdm bar on
+    a terminal, and a plain line every tenth of the run where stderr is not one (CI, a log file).
     """
     if steps < 0:
         raise FlatLoraError(f"steps must be >= 0, got {steps}")
@@ -64,10 +67,13 @@ def train_loop(
     records = []
     data = _cycle(batches)
     bar = None
-    if progress:
+    plain = progress and not sys.stderr.isatty()
+    every = max(1, steps // 10)
+    if progress and not plain:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc=method.name, unit="step")
+    started = time.perf_counter()
     for _ in range(steps):
         batch = to_device(next(data), device)
         lr = method.param_groups[0]["lr"]
@@ -81,6 +87,13 @@ def train_loop(
         if bar is not None:
             bar.update()
             bar.set_postfix(loss=f"{record[keys.LOSS]:.4f}")
+        elif plain and (len(records) % every == 0 or len(records) == steps):
+            seconds = time.perf_counter() - started
+            print(
+                f"{method.name}: step {len(records)}/{steps} loss {record[keys.LOSS]:.4f} ({seconds:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
     if bar is not None:
         bar.close()
     return records

@@ -22,7 +22,8 @@ DEMO_METHODS = ("lora", "flat-lora", "eflat-lora")
 
 HELP = {
     "method": "training method: lora, lora-sam, flat-lora, eflat-lora, rwp-lora, bar",
-    "data": "tweets (bundled), a GLUE task name (hub), a GLUE-format folder, or a CSV/TSV/JSONL file",
+    "data": "tweets (bundled), a GLUE task name or hub dataset id (needs flatlora[hub]), a GLUE-format folder, "
+    "a folder datasets reads (save_to_disk, parquet/CSV/JSON splits), or a CSV/TSV/JSONL file",
     "model": "HF hub id or local folder (default: the bundled all-MiniLM-L6-v2)",
     "shots": "k examples per class (LM-BFF few-shot); 'none' trains on the whole train split",
     "seed": "seed of the few-shot sample, the head's init, data order and dropout",

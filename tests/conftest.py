@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 import warnings
 
 import pytest
@@ -11,6 +12,9 @@ import torch
 
 # No test may reach a model hub: an unknown hub id then fails at once instead of retrying.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# `datasets` offline too, with a cache of its own (read when datasets is first imported).
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="flatlora-test-datasets-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)
 torch.set_num_threads(min(2, torch.get_num_threads()))

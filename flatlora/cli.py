@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     from flatlora import distributed
 
     try:
-        return args.func(args)
+        code = args.func(args)
     except FlatLoraError as err:
         print(f"flatlora: error: {err}", file=sys.stderr)
         if isinstance(err, distributed.AgreedError):  # every rank stops here with the same line
@@ -356,8 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flatlora: interrupted", file=sys.stderr)
         return 130
-    finally:
-        distributed.shutdown()  # under torchrun: leave the process group before exiting
+    return distributed.exit_together(code)  # under torchrun: every rank ends here, after rank 0's writes
 
 
 if __name__ == "__main__":

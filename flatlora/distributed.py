@@ -49,16 +49,6 @@ def init() -> None:
         dist.init_process_group(backend="gloo")
 
 
-def shutdown() -> None:
-    """Leave the process group (torch warns at exit otherwise)."""
-    if world_size() <= 1:
-        return
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def barrier() -> None:
     if world_size() > 1:
         import torch.distributed as dist
@@ -86,11 +76,14 @@ class AgreedError(FlatLoraError):
 
 
 def exit_together(code: int) -> int:
-    """Leave with ``code`` on every rank at once, after an :class:`AgreedError`.
+    """Leave with ``code`` on every rank at once: at the end of a run, or after an :class:`AgreedError`.
 
     torchrun stops the other workers as soon as one fails, so a rank that took longer to tear
-    down would end with SIGTERM instead of the exit code. The ranks meet at a barrier, then
-    leave at once. Alone, returns ``code``.
+    down would end with SIGTERM instead of the exit code; and a rank that leaves while gloo
+    still holds work of its last collectives can abort in the interpreter's finalization
+    ("terminate called without an active exception"). So the ranks meet at a barrier, leave
+    the process group, and exit at once. Alone, returns ``code``. Only for points every rank
+    reaches: a rank that failed alone must not wait for the others here.
     """
     sys.stdout.flush()
     sys.stderr.flush()
@@ -101,6 +94,9 @@ def exit_together(code: int) -> int:
     if dist.is_initialized():
         with contextlib.suppress(Exception):
             dist.barrier(group=_object_group())
+            dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(code)
 
 

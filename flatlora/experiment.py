@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from flatlora.errors import FlatLoraError
-from flatlora.log_keys import FINAL_SPLITS
+from flatlora.log_keys import FINAL_SPLITS, final_key
 
 
 @dataclass
@@ -241,8 +241,8 @@ def train_run(config: TrainConfig, out: str | Path, *, resume: bool = False, ove
         for split in FINAL_SPLITS:
             if split in splits and len(splits[split]):
                 result = trainer.evaluate(splits[split], metric_key_prefix=split)
-                metrics[f"{split}_loss"] = float(result[f"{split}_loss"])
-                metrics[f"{split}_accuracy"] = float(result[f"{split}_accuracy"])
+                for what in ("loss", "accuracy"):
+                    metrics[final_key(split, what)] = float(result[final_key(split, what)])
         if run is not None:
             run.save_adapter(model)
             run.finish(metrics, wall_time_s=books.wall_time())

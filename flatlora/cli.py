@@ -19,7 +19,8 @@ from flatlora.errors import FlatLoraError
 
 HELP = {
     "method": "training method: lora, lora-sam, flat-lora, eflat-lora, rwp-lora, bar",
-    "data": "tweets (bundled), a GLUE task name (hub), a GLUE-format folder, or a CSV/TSV/JSONL file",
+    "data": "tweets (bundled), a GLUE task name or hub dataset id (needs flatlora[hub]), a GLUE-format folder, "
+    "a folder datasets reads (save_to_disk, parquet/CSV/JSON splits), or a CSV/TSV/JSONL file",
     "model": "HF hub id or local folder (default: the bundled all-MiniLM-L6-v2)",
     "shots": "k examples per class (LM-BFF few-shot); 'none' trains on the whole train split",
     "seed": "seed of the few-shot sample, the head's init, data order and dropout",
@@ -148,23 +149,30 @@ def _sweep_runs(args: argparse.Namespace) -> list[tuple[str, Any]]:
 def _sweep(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    from flatlora import distributed
     from flatlora.experiment import train_run, validate
     from flatlora.runs import load_run
 
     points = _sweep_runs(args)
-    for _, config in points:
-        validate(config)
+    with distributed.agreed():
+        for _, config in points:
+            validate(config)
     out = Path(args.out)
     done = skipped = 0
-    for name, config in tqdm(points, desc="sweep", unit="run", disable=not args.progress):
+    plain = args.progress and not sys.stderr.isatty()
+    bar = tqdm(points, desc="sweep", unit="run", disable=not args.progress or plain or not distributed.is_main())
+    for i, (name, config) in enumerate(bar, start=1):
         folder = out / name
         if (folder / "run.json").exists() and load_run(folder).status == "done":
             skipped += 1
             continue
+        if plain and distributed.is_main():
+            print(f"sweep: run {i}/{len(points)}: {name}", file=sys.stderr, flush=True)
         train_run(config, folder, resume=(folder / "run.json").exists())
         done += 1
-    print(f"sweep: {done} run(s) trained, {skipped} already finished, in {out}")
-    _print_summary(out)
+    if distributed.is_main():
+        print(f"sweep: {done} run(s) trained, {skipped} already finished, in {out}")
+        _print_summary(out)
     return 0
 
 
@@ -294,14 +302,19 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
     args = build_parser().parse_args(argv)
+    from flatlora import distributed
+
     try:
-        return args.func(args)
+        code = args.func(args)
     except FlatLoraError as err:
         print(f"flatlora: error: {err}", file=sys.stderr)
+        if isinstance(err, distributed.AgreedError):  # every rank stops here with the same line
+            return distributed.exit_together(2)
         return 2
     except KeyboardInterrupt:
         print("flatlora: interrupted", file=sys.stderr)
         return 130
+    return distributed.exit_together(code)  # under torchrun: every rank ends here, after rank 0's writes
 
 
 if __name__ == "__main__":

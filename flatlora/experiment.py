@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import time
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
-
 from flatlora.errors import FlatLoraError
+from flatlora.log_keys import FINAL_SPLITS, final_key
 
 
 @dataclass
@@ -108,18 +106,28 @@ class TrainConfig:
 
 
 def validate(config: TrainConfig) -> None:
-    """Check the numbers of a config, each with the fix in the message."""
+    """Check the numbers of a config and the precision the device can train in, each with the fix."""
+    import torch
+
     from flatlora.methods import get_method_class
+    from flatlora.precision import check_precision
+    from flatlora.trainer.two_pass import PERTURBATION_SYNC
 
     get_method_class(config.method)
-    positive = {"steps": config.steps, "batch_size": config.batch_size, "grad_accum": config.grad_accum, "r": config.r}
-    for name, value in positive.items():
+    positive = ("steps", "batch_size", "grad_accum", "r", "max_length", "eval_batch_size", "log_every", "save_every")
+    for name in positive:
+        value = getattr(config, name)
         if not (isinstance(value, int) and value >= 1):
             raise FlatLoraError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
+    for name in ("eval_every", "trajectory_every", "diagnostics_every"):
+        value = getattr(config, name)
+        if not (isinstance(value, int) and value >= 0):
+            raise FlatLoraError(f"--{name.replace('_', '-')} must be a whole number >= 0 (0: off), got {value!r}")
+    if config.perturbation_sync not in PERTURBATION_SYNC:
+        raise FlatLoraError(f"unknown --perturbation-sync {config.perturbation_sync!r}: use local or global")
     if not (config.lr > 0 and math.isfinite(config.lr)):
         raise FlatLoraError(f"--lr must be a positive number, got {config.lr}")
-    if config.precision not in ("fp32", "bf16", "fp16"):
-        raise FlatLoraError(f"unknown precision {config.precision!r}: use fp32, bf16 or fp16")
+    check_precision(config.precision, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def prepare_data(config: TrainConfig):
@@ -142,63 +150,117 @@ def prepare_data(config: TrainConfig):
     return {**splits, "test": cap_test(splits["test"], config.test_cap)}
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 def _accuracy(eval_pred) -> dict[str, float]:
+    """Accuracy and the mean cross-entropy per example, from the gathered logits and labels.
+
+    The returned ``loss`` replaces the Trainer's own, which averages per-batch means and, over
+    several processes, weighs the duplicates that even out an uneven last batch.
+    """
     import numpy as np
 
     logits, labels = eval_pred
-    logits = logits[0] if isinstance(logits, tuple) else logits
-    return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}
+    logits = np.asarray(logits[0] if isinstance(logits, tuple) else logits, dtype=np.float64)
+    labels = np.asarray(labels)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    loss = -log_probs[np.arange(len(labels)), labels].mean()
+    return {"loss": float(loss), "accuracy": float((logits.argmax(-1) == labels).mean())}
 
 
 def train_run(config: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False):
-    """Train one run into the run directory ``out`` and return it as a :class:`flatlora.runs.Run`."""
-    import torch
-    from transformers import TrainingArguments
+    """Train one run into the run directory ``out`` and return it as a :class:`flatlora.runs.Run`.
+
+    Under several processes (torchrun, accelerate launch) every rank checks everything a user
+    can get wrong before any rank writes, and they agree: all go on, or all stop with the same
+    one-line error. Rank 0 alone writes the run directory and returns the run; other ranks
+    return None.
+    """
     from transformers.utils import logging as hf_logging
 
+    from flatlora import distributed
     from flatlora.data import TextClassificationCollator
     from flatlora.methods import make_method
-    from flatlora.models import load_classifier
+    from flatlora.models import canonical_model_id, load_classifier
+    from flatlora.run_callbacks import RunDirCallback, read_books, show_progress
     from flatlora.runs import RunDir, latest_checkpoint, load_run
     from flatlora.trainer import FlatLoraTrainer
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # weight-loading bars; training keeps its own
-    validate(config)
-    splits = prepare_data(config)
-    train = splits["train"]
-    model, tokenizer = load_classifier(
-        config.model,
-        num_labels=train.num_labels,
-        r=config.r,
-        alpha=config.alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=config.target_modules,
-        use_rslora=config.rslora,
-        seed=config.seed,
-    )
-    # Build the method once on the model now, so that its options are checked before anything is written.
-    make_method(config.method, model, lr=config.lr, total_steps=config.steps, **config.method_kwargs())
-    model_id = config.model or "all-MiniLM-L6-v2"
-    data = {**config.data_spec(), "label_names": train.label_names, "sizes": {k: len(v) for k, v in splits.items()}}
-    hparams = config.hparams()
-    is_main = _rank() == 0
-    run = (
-        RunDir.create(
-            out, method=config.method, hparams=hparams, data=data, model=model_id, resume=resume, overwrite=overwrite
+    distributed.init()
+    with distributed.agreed():
+        validate(config)
+        splits = prepare_data(config)
+        train = splits["train"]
+        model, tokenizer = load_classifier(
+            config.model,
+            num_labels=train.num_labels,
+            r=config.r,
+            alpha=config.alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=config.target_modules,
+            use_rslora=config.rslora,
+            seed=config.seed,
         )
-        if is_main
-        else None
-    )
-    # Every rank resumes from the same checkpoint; only rank 0 writes the run directory.
-    checkpoint = latest_checkpoint(Path(out) / "checkpoint") if resume else None
-    start = time.perf_counter()
+        # Build the method once on the model now, so that its options are checked before anything is written.
+        make_method(config.method, model, lr=config.lr, total_steps=config.steps, **config.method_kwargs())
+        data = {**config.data_spec(), "label_names": train.label_names, "sizes": {k: len(v) for k, v in splits.items()}}
+        identity = dict(
+            method=config.method, hparams=config.hparams(), data=data, model=canonical_model_id(config.model)
+        )
+        RunDir.check(out, **identity, resume=resume, overwrite=overwrite)
+        # Every rank resumes from the same checkpoint (read before rank 0 writes anything).
+        checkpoint = latest_checkpoint(Path(out) / "checkpoint") if resume else None
+        args = training_arguments(config, out, has_dev="dev" in splits)
+    run = RunDir.create(out, **identity, resume=resume, overwrite=overwrite) if distributed.is_main() else None
+    distributed.barrier()
     try:
-        args = TrainingArguments(
+        trainer = FlatLoraTrainer(
+            model=model,
+            args=args,
+            train_dataset=train,
+            eval_dataset=splits.get("dev") if config.eval_every else None,
+            data_collator=TextClassificationCollator(tokenizer, config.max_length),
+            processing_class=tokenizer,
+            compute_metrics=_accuracy,
+            method=config.method,
+            method_kwargs=config.method_kwargs(),
+            perturbation_sync=config.perturbation_sync,
+        )
+        show_progress(trainer, config.method, plain=config.progress and not sys.stderr.isatty())
+        books = None
+        if run is not None:
+            books = RunDirCallback(run, model, config.trajectory_every, read_books(checkpoint))
+            trainer.add_callback(books)
+            # The steps after the checkpoint are trained (and logged) again, the final records written anew.
+            run.truncate_metrics(int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint else 0)
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if books is not None:
+            books.final = True
+        metrics: dict[str, float] = {}
+        for split in FINAL_SPLITS:
+            if split in splits and len(splits[split]):
+                result = trainer.evaluate(splits[split], metric_key_prefix=split)
+                for what in ("loss", "accuracy"):
+                    metrics[final_key(split, what)] = float(result[final_key(split, what)])
+        if run is not None:
+            run.save_adapter(model)
+            run.finish(metrics, wall_time_s=books.wall_time())
+    except BaseException as err:
+        if run is not None:
+            message = str(err).splitlines()[0] if str(err) else type(err).__name__
+            run.fail(message if not isinstance(err, KeyboardInterrupt) else "interrupted")
+        raise
+    return load_run(out) if run is not None else None
+
+
+def training_arguments(config: TrainConfig, out: str | Path, *, has_dev: bool):
+    """The run's TrainingArguments; an option transformers refuses (--optim, --lr-schedule) is a one-line error."""
+    import torch
+    from transformers import TrainingArguments
+
+    try:
+        return TrainingArguments(
             output_dir=str(Path(out) / "checkpoint"),
             per_device_train_batch_size=config.batch_size,
             per_device_eval_batch_size=config.eval_batch_size,
@@ -213,7 +275,7 @@ def train_run(config: TrainConfig, out: str | Path, *, resume: bool = False, ove
             bf16=config.precision == "bf16",
             fp16=config.precision == "fp16",
             logging_steps=config.log_every,
-            eval_strategy="steps" if config.eval_every and "dev" in splits else "no",
+            eval_strategy="steps" if config.eval_every and has_dev else "no",
             eval_steps=config.eval_every or None,
             save_strategy="steps",
             save_steps=config.save_every,
@@ -225,67 +287,11 @@ def train_run(config: TrainConfig, out: str | Path, *, resume: bool = False, ove
             disable_tqdm=not config.progress,
             use_cpu=not torch.cuda.is_available(),
             dataloader_num_workers=0,
+            ddp_find_unused_parameters=False,  # every LoRA factor and the head take part in each forward
         )
-        trainer = FlatLoraTrainer(
-            model=model,
-            args=args,
-            train_dataset=train,
-            eval_dataset=splits.get("dev") if config.eval_every else None,
-            data_collator=TextClassificationCollator(tokenizer, config.max_length),
-            processing_class=tokenizer,
-            compute_metrics=_accuracy,
-            method=config.method,
-            method_kwargs=config.method_kwargs(),
-            perturbation_sync=config.perturbation_sync,
-        )
-        _quiet_progress(trainer)
-        if run is not None:
-            trainer.add_callback(_RunDirCallback(run, model, config.trajectory_every))
-            # The steps after the checkpoint are trained (and logged) again.
-            run.truncate_metrics(int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint else 0)
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        metrics: dict[str, float] = {}
-        for split in ("train", "dev", "test"):
-            if split in splits and len(splits[split]):
-                result = trainer.evaluate(splits[split], metric_key_prefix=split)
-                metrics[f"{split}_loss"] = float(result[f"{split}_loss"])
-                metrics[f"{split}_accuracy"] = float(result[f"{split}_accuracy"])
-        if run is not None:
-            run.save_adapter(model)
-            run.finish(metrics, wall_time_s=time.perf_counter() - start)
-    except BaseException as err:
-        if run is not None:
-            message = str(err).splitlines()[0] if str(err) else type(err).__name__
-            run.fail(message if not isinstance(err, KeyboardInterrupt) else "interrupted")
-        raise
-    return load_run(out) if is_main else None
-
-
-def _quiet_progress(trainer) -> None:
-    """Keep tqdm's bar but stop it (or its stand-in) printing every log dict: metrics.jsonl holds them."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    trainer.pop_callback(PrinterCallback)
-
-    class BarOnly(ProgressCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if self.training_bar is not None and logs and "loss" in logs:
-                self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
-
-    if trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(BarOnly())
-
-
-class _RunDirCallback(TrainerCallback):
-    """Appends each log to metrics.jsonl and saves trajectory adapters every k steps."""
-
-    def __init__(self, run, model, trajectory_every: int) -> None:
-        self.run, self.model, self.every = run, model, trajectory_every
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs:
-            self.run.append_metrics({"step": state.global_step, **logs})
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.every and state.global_step % self.every == 0:
-            self.run.save_adapter(self.model, step=state.global_step)
+    except ValueError as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0].split(", please")[0][:200]
+        raise FlatLoraError(
+            f"transformers refuses these training options ({first_line}): "
+            "check --optim and --lr-schedule (flatlora train --help)"
+        ) from None

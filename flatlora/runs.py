@@ -7,26 +7,24 @@
     trajectory/     step-N/ adapters saved every k steps (optional)
     checkpoint/     HF Trainer checkpoints, for --resume (the optimizer state holds the EMA)
 
-Every file is written atomically (temporary name, fsync, rename), so a reader never sees a
-half-written run.json or adapter, and a killed process leaves no partial file behind.
+Every file is written atomically (``flatlora.atomic``: temporary name, fsync, rename), so a
+reader never sees a half-written run.json or adapter, and a killed process leaves no partial file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
-import tempfile
-import uuid
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from flatlora import log_keys as keys
+from flatlora.atomic import _jsonable, atomic_directory, atomic_write_json, atomic_write_text
 from flatlora.errors import FlatLoraError
 
 RUN_FORMAT = 1
@@ -34,78 +32,6 @@ RUN_JSON = "run.json"
 METRICS_FILE = "metrics.jsonl"
 STATUSES = ("running", "done", "failed")
 IDENTITY_KEYS = ("method", "hparams", "data", "model")
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# mkstemp/mkdtemp create 0600/0700; atomic writes get the modes a plain open()/mkdir() would give.
-_UMASK = _read_umask()
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON values: tensors and numpy scalars as numbers, NaN/inf as null."""
-    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
-        value = value.tolist()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON (NaN/inf as null), atomically."""
-    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``path``, on any error the old ``path`` stays."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:12]}")
-    try:
-        os.chmod(tmp, 0o777 & ~_UMASK)
-        yield tmp
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not path.exists():
-            os.replace(old, path)  # put the previous folder back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- writing a run
@@ -141,9 +67,21 @@ def _load_object(path: Path) -> dict[str, Any]:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return _load_object(path)
+        info = _load_object(path)
     except (OSError, ValueError) as err:
         raise FlatLoraError(f"cannot read {path} ({err}): repair or delete that run directory") from None
+    check_format(info, path)
+    return info
+
+
+def check_format(info: dict[str, Any], path: str | Path) -> None:
+    """Refuse a run.json written in a newer run format than this flatlora reads."""
+    found = info.get("format", RUN_FORMAT)
+    if isinstance(found, int) and not isinstance(found, bool) and found > RUN_FORMAT:
+        raise FlatLoraError(
+            f"{path} has run format {found}, newer than the {RUN_FORMAT} this flatlora reads: "
+            "upgrade flatlora (pip install -U flatlora) to read it"
+        )
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
@@ -184,6 +122,53 @@ class RunDir:
         return self.path / "checkpoint"
 
     @classmethod
+    def check(
+        cls,
+        path: str | Path,
+        *,
+        method: str,
+        hparams: dict[str, Any],
+        data: dict[str, Any],
+        model: str,
+        resume: bool = False,
+        overwrite: bool = False,
+    ) -> str:
+        """What :meth:`create` would do with ``path``, writing nothing: ``"new"``, ``"resume"`` or ``"overwrite"``.
+
+        Raises the refusals of :meth:`create` (a file, a folder holding something else, another
+        run, a finished run, an unfinished one without ``resume``), so that every rank of a
+        multi-process run can check before rank 0 writes.
+        """
+        run = cls(path)
+        wanted = config_of({"method": method, "hparams": hparams, "data": data, "model": model})
+        if run.path.exists() and not run.path.is_dir():
+            raise FlatLoraError(f"{run.path} is a file, not a folder: choose another --out")
+        occupied = run.path.is_dir() and any(run.path.iterdir())
+        if not occupied:
+            return "new"
+        if overwrite:
+            return "overwrite"
+        if not run.run_json.exists():
+            raise FlatLoraError(
+                f"{run.path} is not empty and holds no run: choose an empty or new --out, or pass --overwrite"
+            )
+        info = _read_json(run.run_json)
+        differ = _differences(config_of(info), wanted)
+        if differ:
+            raise FlatLoraError(
+                f"{run.path} holds a different run (differs in {', '.join(differ[:5])}): "
+                "choose another --out, or pass --overwrite to replace it"
+            )
+        if info.get("status") == "done":
+            raise FlatLoraError(f"{run.path} holds this run, finished: pass --overwrite to train it again")
+        if not resume:
+            raise FlatLoraError(
+                f"{run.path} holds an unfinished run of this config: pass --resume to continue it, "
+                "or --overwrite to start over"
+            )
+        return "resume"
+
+    @classmethod
     def create(
         cls,
         path: str | Path,
@@ -197,32 +182,13 @@ class RunDir:
     ) -> RunDir:
         """Start (or, with ``resume``, continue) a run in ``path``; refusals write nothing."""
         run = cls(path)
-        wanted = config_of({"method": method, "hparams": hparams, "data": data, "model": model})
-        if run.path.exists() and not run.path.is_dir():
-            raise FlatLoraError(f"{run.path} is a file, not a folder: choose another --out")
-        occupied = run.path.is_dir() and any(run.path.iterdir())
-        if occupied and not overwrite:
-            if not run.run_json.exists():
-                raise FlatLoraError(
-                    f"{run.path} is not empty and holds no run: choose an empty or new --out, or pass --overwrite"
-                )
-            info = _read_json(run.run_json)
-            differ = _differences(config_of(info), wanted)
-            if differ:
-                raise FlatLoraError(
-                    f"{run.path} holds a different run (differs in {', '.join(differ[:5])}): "
-                    "choose another --out, or pass --overwrite to replace it"
-                )
-            if info.get("status") == "done":
-                raise FlatLoraError(f"{run.path} holds this run, finished: pass --overwrite to train it again")
-            if not resume:
-                raise FlatLoraError(
-                    f"{run.path} holds an unfinished run of this config: pass --resume to continue it, "
-                    "or --overwrite to start over"
-                )
+        identity = {"method": method, "hparams": hparams, "data": data, "model": model}
+        action = cls.check(path, **identity, resume=resume, overwrite=overwrite)
+        wanted = config_of(identity)
+        if action == "resume":
             run.update(status="running", error=None)
             return run
-        if occupied:  # overwrite
+        if action == "overwrite":
             shutil.rmtree(run.path)
         run.path.mkdir(parents=True, exist_ok=True)
         now = _now()
@@ -282,8 +248,16 @@ class RunDir:
         return read_metrics_file(self.metrics_file)
 
     def truncate_metrics(self, after_step: int) -> None:
-        """Keep the records of steps <= ``after_step`` (a resume re-logs the steps after it)."""
-        kept = [r for r in self.read_metrics() if r.get("step", 0) <= after_step]
+        """Keep what a resume from step ``after_step`` keeps: the records of steps <= ``after_step``.
+
+        The run's final evaluations (``phase`` "final") go whatever their step: a resume writes
+        them anew, so a run killed during its final evaluation gets no duplicate records.
+        """
+        kept = [
+            r
+            for r in self.read_metrics()
+            if r.get(keys.STEP, 0) <= after_step and r.get(keys.PHASE) != keys.PHASE_FINAL
+        ]
         atomic_write_text(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
 
     def save_adapter(self, model: Any, step: int | None = None) -> Path:
@@ -389,10 +363,16 @@ def list_runs(root: str | Path, status: str | None = None) -> list[Run]:
         if any(part.startswith(".") for part in run_json.relative_to(root).parts[:-1]):
             continue  # temporary folders of atomic writes
         try:
-            run = Run(run_json.parent, _load_object(run_json))
+            info = _load_object(run_json)
         except (OSError, ValueError) as err:
             warnings.warn(f"skipping {run_json.parent}: unreadable run.json ({err})", stacklevel=2)
             continue
+        try:
+            check_format(info, run_json)
+        except FlatLoraError as err:
+            warnings.warn(f"skipping {run_json.parent}: {err}", stacklevel=2)
+            continue
+        run = Run(run_json.parent, info)
         if status is None or run.status == status:
             runs.append(run)
     return runs

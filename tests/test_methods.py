@@ -8,6 +8,7 @@ import statistics
 
 import pytest
 import torch
+from helpers import assert_bit_equal, trainable
 from peft import LoraConfig, get_peft_model
 from transformers.pytorch_utils import Conv1D
 
@@ -24,16 +25,6 @@ def build(name, arch="bert", seed=0, **kwargs):
     kwargs.setdefault("lr", 1e-2)
     kwargs.setdefault("total_steps", STEPS)
     return model, make_method(name, model, **kwargs)
-
-
-def trainable(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def assert_bit_equal(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
@@ -308,15 +299,19 @@ def test_bad_hyperparameters_name_the_fix(name, kwargs, match):
 
 
 def test_misuse_of_the_phases_is_refused():
+    # a closure is a user's choice (closure-style SAM loops): a one-line FlatLoraError;
+    # breaking the perturb / restore / step protocol only a bug can do: a RuntimeError
     model, method = build("flat-lora")
     batch = tiny_batches("bert", 1)[0]
     with pytest.raises(FlatLoraError, match="train_step"):
         method.step(lambda: model(**batch).loss)
-    with pytest.raises(FlatLoraError, match="first-pass gradients"):
+    with pytest.raises(RuntimeError, match="first-pass gradients"):
         method.perturb()
     grads = torch.autograd.grad(model(**batch).loss, method.factor_params)
     method.perturb(grads)
-    with pytest.raises(FlatLoraError, match="restore"):
+    with pytest.raises(RuntimeError, match="twice"):
+        method.perturb(grads)
+    with pytest.raises(RuntimeError, match="restore"):
         method.step()
     method.restore()
     method.step()
@@ -338,3 +333,96 @@ def test_rwp_noise_is_held_across_micro_batches_and_redrawn_each_step():
     assert first.abs().sum() > 0 and torch.equal(first, second)
     method.step()
     assert not torch.equal(noise(), first)  # the next step draws afresh
+
+
+def test_a_method_class_without_a_name_or_with_a_taken_one_is_refused_when_defined():
+    from flatlora.methods import LoRAMethod
+
+    with pytest.raises(TypeError, match="name"):
+
+        class Nameless(LoRAMethod):
+            pass
+
+    with pytest.raises(TypeError, match="'flat-lora' is taken"):
+
+        class Copycat(LoRAMethod):
+            name = "flat-lora"
+
+    assert METHODS["flat-lora"].__name__ == "FlatLoRA"
+
+    class Mine(LoRAMethod):
+        name = "my-lora"
+
+    try:
+        assert METHODS["my-lora"] is Mine
+        assert isinstance(make_method("my-lora", tiny_model("bert")), Mine)
+    finally:
+        del METHODS["my-lora"]
+
+
+def two_adapter_model():
+    """A tiny LLaMA with two active LoRA adapters on every adapted layer (both trainable)."""
+    from peft.tuners.lora import LoraLayer
+
+    model = tiny_model("llama")
+    model.add_adapter("second", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.set_adapter(["default", "second"])
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(True)
+    return model
+
+
+def test_rwp_with_two_adapters_on_a_layer_leaves_the_base_weights_clean():
+    model = two_adapter_model()
+    method = make_method("rwp-lora", model, rho=0.5, total_steps=4, seed=1)
+    assert len(method.pairs) == 8  # 2 layers x (q_proj, v_proj) x 2 adapters
+    with torch.no_grad():
+        for pair in method.pairs:
+            pair.B.normal_()
+    bases = {id(p.base_weight()): p.base_weight() for p in method.pairs}
+    clean = {k: w.detach().clone() for k, w in bases.items()}
+    train_loop(model, method, tiny_batches("llama", 2), 3)
+    for key, weight in bases.items():
+        assert torch.equal(weight, clean[key])
+    # one noise per base weight, its sigma from the whole merged weight W0 + sum_k s_k B_k A_k
+    method.steps_done = 2  # f_t = 1/2
+    first = method.pairs[0]
+    W0 = first.base_weight()
+    merged = W0.detach().clone()
+    for pair in method.pairs:
+        if pair.base_weight() is W0:
+            merged += pair.scaling * pair.B.detach() @ pair.A.detach()
+    before = W0.detach().clone()
+    method.perturb()
+    delta = W0.detach() - before
+    method.restore()
+    expected = 0.5 * 0.5 * merged.norm(dim=1) / math.sqrt(merged.shape[1])
+    variance_ratio = (delta.square().mean(dim=1) / expected.square()).mean()
+    assert 0.85 < variance_ratio < 1.15, variance_ratio  # with one adapter's sigma it is about 1/2
+    assert torch.equal(W0, before)
+
+
+def test_rwp_resumes_its_noise_stream_on_a_rank_whose_device_is_named_otherwise():
+    # Under DDP only rank 0 saves the optimizer state: on GPUs its generator is on cuda:0 while
+    # rank 1's is on cuda:1. Faked here on CPU by renaming the saved stream: every rank must
+    # still resume the stream (all ranks draw the same noise, as one process would).
+    kwargs = dict(rho=0.5, total_steps=6, seed=4)
+    data = tiny_batches("bert", 3, seed=3)
+    full_model, full = build("rwp-lora", **kwargs)
+    train_loop(full_model, full, data, 6)
+
+    first_model, first = build("rwp-lora", **kwargs)
+    train_loop(first_model, first, data, 3)
+    state = first.state_dict()
+    extra = state["flatlora"]["extra"]
+    (stream,) = extra["generators"].values()
+    extra["generators"] = {"cuda:0": stream}
+
+    resumed_model, resumed = build("rwp-lora", **kwargs)
+    resumed_model.load_state_dict(first_model.state_dict())
+    resumed.load_state_dict(state)
+    train_loop(resumed_model, resumed, data, 3)
+    assert_bit_equal(trainable(resumed_model), trainable(full_model))

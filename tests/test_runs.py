@@ -9,6 +9,7 @@ import stat
 
 import pytest
 import torch
+from helpers import snapshot
 from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 
@@ -24,10 +25,6 @@ from flatlora.runs import (
 )
 
 CONFIG = dict(method="eflat-lora", hparams={"rho": 0.05, "lr": 1e-3, "steps": 4}, data={"spec": "x.csv"}, model="m")
-
-
-def snapshot(root):
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_atomic_write_keeps_the_old_file_on_a_crash(tmp_path, monkeypatch):
@@ -221,3 +218,18 @@ def test_latest_checkpoint_orders_by_number(tmp_path):
         (tmp_path / f"checkpoint-{n}").mkdir()
     (tmp_path / "checkpoint-x").mkdir()
     assert latest_checkpoint(tmp_path).name == "checkpoint-10"
+
+
+def test_a_run_of_a_newer_format_is_refused_in_one_line_when_read(tmp_path):
+    run = RunDir.create(tmp_path / "new", **CONFIG)
+    RunDir.create(tmp_path / "old", **CONFIG)
+    run.update(format=99)
+    before = snapshot(run.path)
+    with pytest.raises(FlatLoraError, match=r"run format 99.*newer.*upgrade flatlora") as info:
+        load_run(run.path)
+    assert "\n" not in str(info.value)
+    with pytest.raises(FlatLoraError, match="upgrade flatlora"):
+        RunDir.create(run.path, resume=True, **CONFIG)
+    assert snapshot(run.path) == before
+    with pytest.warns(UserWarning, match="upgrade flatlora"):
+        assert [r.path.name for r in list_runs(tmp_path)] == ["old"]

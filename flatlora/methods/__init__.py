@@ -8,15 +8,18 @@ import torch
 
 from flatlora.errors import FlatLoraError
 from flatlora.methods.bar import BAR
-from flatlora.methods.base import LoRAMethod
+from flatlora.methods.base import REGISTRY, LoRAMethod
 from flatlora.methods.eflat import EFlatLoRA
 from flatlora.methods.flat import FlatLoRA
 from flatlora.methods.rwp import RWPLoRA
 from flatlora.methods.sam import LoRASAM
 
-METHODS: dict[str, type[LoRAMethod]] = {
-    cls.name: cls for cls in (LoRAMethod, LoRASAM, FlatLoRA, EFlatLoRA, RWPLoRA, BAR)
-}
+BUILT_IN: tuple[type[LoRAMethod], ...] = (LoRAMethod, LoRASAM, FlatLoRA, EFlatLoRA, RWPLoRA, BAR)
+
+METHODS: dict[str, type[LoRAMethod]] = REGISTRY
+"""Every method class by name: the built-in ones in the order above, then any registered later."""
+for _cls in BUILT_IN:  # the registry fills in import order; list the built-ins in the documented order
+    METHODS[_cls.name] = METHODS.pop(_cls.name)
 
 
 def method_options(name: str) -> set[str]:

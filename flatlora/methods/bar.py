@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from flatlora import log_keys as keys
 from flatlora.methods.base import LoRAMethod
 
 
@@ -38,4 +39,4 @@ class BAR(LoRAMethod):
             pair.B.grad.sub_(pair.B.detach() * c.to(pair.B.device))
             coefficients.append(c)
         if coefficients:
-            self._log["bar_coefficient_mean"] = torch.stack(coefficients).mean()
+            self._log[keys.BAR_COEFFICIENT_MEAN] = torch.stack(coefficients).mean()

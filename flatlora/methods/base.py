@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from flatlora import log_keys as keys
 from flatlora.errors import FlatLoraError
 from flatlora.lora import LoraPair, balancedness, find_lora_pairs, require_plain_lora
 from flatlora.schedules import RhoSchedule
@@ -27,6 +28,9 @@ from flatlora.schedules import RhoSchedule
 LossFn = Callable[[], torch.Tensor]
 STATE_KEY = "flatlora"
 STATE_FORMAT = 1
+
+REGISTRY: dict[str, type[LoRAMethod]] = {}
+"""Every method class by its ``name``; a subclass registers itself when it is defined."""
 
 
 class RngSnapshot:
@@ -56,15 +60,37 @@ class LoRAMethod(torch.optim.Optimizer):
     Args:
         model: a peft LoRA model.
         base_optimizer: the optimizer that updates the weights; by default ``optimizer_cls``
-            (AdamW) over every parameter that requires grad, with ``lr`` and ``optimizer_kwargs``.
+            (AdamW) over every parameter that requires grad, with ``lr`` and ``optimizer_kwargs``
+            (which are refused alongside a given ``base_optimizer``, as they would be ignored).
         rho, rho_schedule, rho_min, total_steps: the radius and its schedule (section 5).
         adapter: the adapter to train; by default each layer's active adapters.
+
+    A subclass sets ``name`` (it registers under it in :data:`flatlora.METHODS` when defined)
+    and the flags ``two_pass``, ``uses_rho``, ``needs_plain_lora``, and overrides:
+
+    * ``_perturbation(grads)``: the (tensor, delta) pairs of this step's pass;
+    * ``_before_update(rho)``: work between a finite backward and the base optimizer's step;
+    * ``_extra_state()`` / ``_load_extra_state(extra)``: state beyond ``self.state``;
+    * ``diagnose(loss_fn)``: optional measurements on the step's batch before its passes.
+
+    Breaking the perturb / restore / step protocol (perturb twice, step while perturbed) is a
+    bug and raises ``RuntimeError``; what a user can get wrong raises ``FlatLoraError``.
     """
 
-    name: ClassVar[str] = "lora"
+    name: ClassVar[str] = "lora"  # every subclass sets its own (refused at class definition otherwise)
     two_pass: ClassVar[bool] = False  # needs a first forward/backward to build its perturbation
     uses_rho: ClassVar[bool] = False
     needs_plain_lora: ClassVar[bool] = False  # relies on W = W0 + s B A (refuses DoRA)
+
+    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
+        """Register a method class under its ``name``; ``register=False`` for an abstract helper class.
+
+        Raises:
+            TypeError: the class sets no ``name`` of its own, or the name is taken.
+        """
+        super().__init_subclass__(**kwargs)
+        if register:
+            _register(cls)
 
     def __init__(
         self,
@@ -77,7 +103,7 @@ class LoRAMethod(torch.optim.Optimizer):
         rho_min: float = 0.0,
         total_steps: int | None = None,
         adapter: str | None = None,
-        optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
+        optimizer_cls: type[torch.optim.Optimizer] | None = None,
         optimizer_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.pairs: list[LoraPair] = find_lora_pairs(model, adapter)
@@ -90,7 +116,14 @@ class LoRAMethod(torch.optim.Optimizer):
                     f"{self.name} perturbs LoRA factors that do not require grad ({frozen[0]}, ...): "
                     "train the adapter with is_trainable=True / requires_grad_(True)"
                 )
+        if base_optimizer is not None and (optimizer_cls is not None or optimizer_kwargs):
+            given = "optimizer_cls" if optimizer_cls is not None else "optimizer_kwargs"
+            raise FlatLoraError(
+                f"{given} builds the base optimizer, but base_optimizer= is given and would ignore it: "
+                "set those options where you build base_optimizer, or drop base_optimizer="
+            )
         if base_optimizer is None:
+            optimizer_cls = optimizer_cls or torch.optim.AdamW
             trainable = [p for p in model.parameters() if p.requires_grad]
             if not trainable:
                 raise FlatLoraError("the model has no parameter that requires grad: load the adapter as trainable")
@@ -140,21 +173,35 @@ class LoRAMethod(torch.optim.Optimizer):
                 "or perturb() / forward-backward / restore() / step()"
             )
         if self._clean:
-            raise FlatLoraError("step() called while the weights are perturbed: call restore() after the backward pass")
+            raise RuntimeError("step() called while the weights are perturbed: call restore() after the backward pass")
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         rho = self.rho
-        if not _is_finite(grads):
-            self.steps_skipped += 1
-            self._log.update(skipped=1.0)
-        else:
+        finite = _is_finite(grads)
+        if finite:
             self._before_update(rho)
             self.base_optimizer.step()
-            self._log.update(skipped=0.0)
+        self._end_step(rho, skipped=not finite)
+
+    @torch.no_grad()
+    def skip_step(self) -> None:
+        """Account a step whose update was skipped outside the method, as step() does a non-finite one.
+
+        An fp16 loss scaler that finds an overflow never calls step(); the Trainer calls this
+        instead, so step counts, the rho schedule and the log match the plain loop.
+        """
+        if self._clean:
+            raise RuntimeError("skip_step() called while the weights are perturbed: call restore() first")
+        self._end_step(self.rho, skipped=True)
+
+    def _end_step(self, rho: float, skipped: bool) -> None:
+        if skipped:
+            self.steps_skipped += 1
+        self._log[keys.SKIPPED] = float(skipped)
         self.steps_done += 1
         if self.uses_rho:
-            self._log["rho"] = rho
+            self._log[keys.RHO] = rho
         per_layer = balancedness(self.pairs)
-        self._log.update(balancedness=per_layer.sum(), balancedness_per_layer=per_layer)
+        self._log.update({keys.BALANCEDNESS: per_layer.sum(), keys.BALANCEDNESS_PER_LAYER: per_layer})
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict plus this method's state under the key ``"flatlora"``."""
@@ -208,9 +255,9 @@ class LoRAMethod(torch.optim.Optimizer):
         Two-pass methods need ``grads``: the first-pass gradients of :attr:`factor_params`.
         """
         if self._clean:
-            raise FlatLoraError("perturb() called twice without restore(): restore the weights first")
+            raise RuntimeError("perturb() called twice without restore(): restore the weights first")
         if self.two_pass and grads is None:
-            raise FlatLoraError(f"{self.name} needs the first-pass gradients: call perturb(grads)")
+            raise RuntimeError(f"{self.name} needs the first-pass gradients: call perturb(grads)")
         self._apply(self._perturbation(grads))
 
     @torch.no_grad()
@@ -222,8 +269,11 @@ class LoRAMethod(torch.optim.Optimizer):
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Copy the clean weights back exactly (subtracting the perturbation would drift)."""
-        for target, clean in self._clean:
+        """Copy the clean weights back exactly (subtracting the perturbation would drift).
+
+        In reverse order, so that a tensor moved twice (say, by two pairs) ends at its first clone.
+        """
+        for target, clean in reversed(self._clean):
             target.copy_(clean)
         self._clean = []
 
@@ -248,14 +298,14 @@ class LoRAMethod(torch.optim.Optimizer):
         if self.two_pass:
             loss = loss_fn()
             grads = torch.autograd.grad(loss, self.factor_params, allow_unused=True)
-            log["loss"] = loss.detach()
+            log[keys.LOSS] = loss.detach()
         self.perturb(grads)
         try:
             second = loss_fn()
             second.backward()
         finally:
             self.restore()
-        log["perturbed_loss" if self.two_pass else "loss"] = second.detach()
+        log[keys.PERTURBED_LOSS if self.two_pass else keys.LOSS] = second.detach()
         self.step()
         return self.pop_log(log)
 
@@ -300,3 +350,18 @@ class LoRAMethod(torch.optim.Optimizer):
             grads = [t.grad for t in self.factor_params]
         mats = [(g if g is not None else torch.zeros_like(t)).flatten(1) for g, t in zip(grads, self.factor_params)]
         return mats[0::2], mats[1::2]
+
+
+def _register(cls: type[LoRAMethod]) -> None:
+    name = cls.__dict__.get("name")
+    if not isinstance(name, str) or not name:
+        raise TypeError(
+            f"method class {cls.__qualname__} sets no name: give it a class attribute name = '<method-name>' "
+            "(or define it with register=False if it is an abstract helper)"
+        )
+    if name in REGISTRY:
+        raise TypeError(f"method name {name!r} is taken by {REGISTRY[name].__qualname__}: choose another name")
+    REGISTRY[name] = cls
+
+
+_register(LoRAMethod)

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from flatlora import log_keys as keys
 from flatlora.errors import FlatLoraError
 from flatlora.methods.base import LossFn, RngSnapshot
 from flatlora.methods.flat import FlatLoRA
@@ -51,7 +52,7 @@ class EFlatLoRA(FlatLoRA):
         eps_Bs = self._eps_b(None, rho)
         for pair, eps in zip(self.pairs, eps_Bs):
             self.ema(pair).mul_(self.beta).add_(eps.reshape(pair.B.shape), alpha=1 - self.beta)
-        self._log["target_eps_b_norm"] = torch.stack([e.float().norm().to(eps_Bs[0].device) for e in eps_Bs]).norm()
+        self._log[keys.TARGET_EPS_B_NORM] = torch.stack([e.float().norm().to(eps_Bs[0].device) for e in eps_Bs]).norm()
 
     def diagnose(self, loss_fn: LossFn) -> dict[str, Any]:
         if self.diagnostics_every and self.steps_done % self.diagnostics_every == 0:
@@ -85,12 +86,12 @@ class EFlatLoRA(FlatLoRA):
         rel = (diff / n_eps).item() if n_eps > 0 else float("nan")
         cosine = (dot / (n_ema * n_eps)).item() if n_eps > 0 and n_ema > 0 else float("nan")
         return {
-            "t2_clean_loss": clean.detach(),
-            "t2_sam_loss": loss_sam,
-            "t2_ema_loss": loss_ema,
-            "t2_loss_gap": loss_ema - loss_sam,
-            "t2_rel_error": rel,
-            "t2_cosine": cosine,
+            keys.T2_CLEAN_LOSS: clean.detach(),
+            keys.T2_SAM_LOSS: loss_sam,
+            keys.T2_EMA_LOSS: loss_ema,
+            keys.T2_LOSS_GAP: loss_ema - loss_sam,
+            keys.T2_REL_ERROR: rel,
+            keys.T2_COSINE: cosine,
         }
 
     def _loss_at(self, loss_fn: LossFn, deltas: list[torch.Tensor]) -> torch.Tensor:

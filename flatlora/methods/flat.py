@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from flatlora import log_keys as keys
 from flatlora.errors import FlatLoraError
 from flatlora.methods.base import LoRAMethod
 from flatlora.perturbation import NORMS, flat_lora_eps_b, realized_sq_norms
@@ -39,9 +40,11 @@ class FlatLoRA(LoRAMethod):
         per_layer = torch.stack([e.float().norm().to(eps_Bs[0].device) for e in eps_Bs])
         realized = realized_sq_norms(eps_Bs, [p.a_matrix for p in self.pairs], [p.scaling for p in self.pairs])
         self._log.update(
-            eps_b_norm=per_layer.square().sum().sqrt(),
-            eps_b_norm_per_layer=per_layer,
-            realized_norm=realized.sum().sqrt(),
+            {
+                keys.EPS_B_NORM: per_layer.square().sum().sqrt(),
+                keys.EPS_B_NORM_PER_LAYER: per_layer,
+                keys.REALIZED_NORM: realized.sum().sqrt(),
+            }
         )
 
     def _perturbation(self, grads):

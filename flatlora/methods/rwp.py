@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from flatlora import log_keys as keys
 from flatlora.errors import FlatLoraError
 from flatlora.methods.base import LoRAMethod
 
@@ -34,52 +35,69 @@ class RWPLoRA(LoRAMethod):
         for pair in self.pairs:
             pair.base_weight()  # refuses quantized bases now rather than at the first step
         self.seed = seed
-        self._generators: dict[str, torch.Generator] = {}
+        # One generator per device holding adapted base weights, in module order. They are
+        # saved in that order and restored by position, not by device name: under DDP only
+        # rank 0 saves, and its cuda:0 is rank 1's cuda:1 (all ranks draw the same noise).
+        devices = list(dict.fromkeys(pair.base_weight().device for pair in self.pairs))
+        self._generators: dict[torch.device, torch.Generator] = {
+            device: torch.Generator(device=device).manual_seed(seed) for device in devices
+        }
         # Generator states at this step's first draw: later micro-batches of the same step
         # replay them, so the noise is held across accumulation without storing it.
         self._drawn_at: int | None = None
-        self._step_states: dict[str, torch.Tensor] = {}
+        self._step_states: dict[torch.device, torch.Tensor] = {}
 
     def noise_factor(self) -> float:
         """f_t = (1 - cos(pi t / T)) / 2."""
         progress = min(self.steps_done / self.schedule.total_steps, 1.0)
         return 0.5 * (1.0 - math.cos(math.pi * progress))
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        if key not in self._generators:
-            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[key]
-
     def _perturbation(self, grads):
         scale = self.noise_factor() * self.rho
-        self._log["noise_scale"] = scale
+        self._log[keys.NOISE_SCALE] = scale
         if scale == 0:
             return []
-        for pair in self.pairs:
-            self._generator(pair.base_weight().device)
         if self._drawn_at == self.steps_done:
-            for key, state in self._step_states.items():
-                self._generators[key].set_state(state)
+            for device, state in self._step_states.items():
+                self._generators[device].set_state(state)
         else:
             self._drawn_at = self.steps_done
-            self._step_states = {key: g.get_state() for key, g in self._generators.items()}
+            self._step_states = {device: g.get_state() for device, g in self._generators.items()}
         moves = []
-        for pair in self.pairs:
-            W0 = pair.base_weight()
-            layout = W0.T if pair.base_transposed else W0.flatten(1)  # (m, n) like B @ A
-            merged = layout.float() + pair.scaling * (pair.b_matrix.float() @ pair.a_matrix.float())
+        for W0, pairs in self._pairs_by_base():
+            transposed = pairs[0].base_transposed
+            merged = (W0.T if transposed else W0.flatten(1)).float()  # (m, n) like B @ A
+            for pair in pairs:  # every active adapter on this layer: W' = W0 + sum_k s_k B_k A_k
+                merged = merged + pair.scaling * (pair.b_matrix.float() @ pair.a_matrix.float())
             sigma = scale * merged.norm(dim=1, keepdim=True) / math.sqrt(merged.shape[1])
-            noise = torch.randn(merged.shape, generator=self._generator(W0.device), device=W0.device) * sigma
-            moves.append((W0, (noise.T if pair.base_transposed else noise).to(W0.dtype)))
+            noise = torch.randn(merged.shape, generator=self._generators[W0.device], device=W0.device) * sigma
+            moves.append((W0, (noise.T if transposed else noise).reshape(W0.shape).to(W0.dtype)))
         return moves
 
+    def _pairs_by_base(self) -> list[tuple[torch.Tensor, list]]:
+        """The pairs grouped by their base weight, in module order: one noise per distinct W0."""
+        groups: dict[int, tuple[torch.Tensor, list]] = {}
+        for pair in self.pairs:
+            W0 = pair.base_weight()
+            groups.setdefault(id(W0), (W0, []))[1].append(pair)
+        return list(groups.values())
+
     def _extra_state(self) -> dict[str, Any]:
-        return {"seed": self.seed, "generators": {k: g.get_state() for k, g in self._generators.items()}}
+        # keyed by the saving rank's device names for reading; restored by position
+        return {"seed": self.seed, "generators": {str(d): g.get_state() for d, g in self._generators.items()}}
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         self.seed = int(extra.get("seed", self.seed))
-        self._generators = {}
         self._drawn_at, self._step_states = None, {}
-        for key, state in extra.get("generators", {}).items():
-            self._generator(torch.device(key)).set_state(state.cpu())
+        saved = list(extra.get("generators", {}).values())
+        for generator in self._generators.values():
+            generator.manual_seed(self.seed)
+        if not saved:  # saved before the first draw
+            return
+        if len(saved) != len(self._generators):
+            raise FlatLoraError(
+                f"the checkpoint holds rwp-lora noise streams for {len(saved)} device(s) but this model's adapted "
+                f"weights lie on {len(self._generators)}: resume with the same device layout"
+            )
+        for generator, state in zip(self._generators.values(), saved):
+            generator.set_state(state.cpu())

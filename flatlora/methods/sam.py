@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from flatlora import log_keys as keys
 from flatlora.errors import FlatLoraError
 from flatlora.methods.base import LoRAMethod
 from flatlora.perturbation import sam_perturbation
@@ -27,5 +28,5 @@ class LoRASAM(LoRAMethod):
     def _perturbation(self, grads):
         grads = [g if g is not None else t.new_zeros(t.shape) for g, t in zip(grads, self.factor_params)]
         eps = sam_perturbation(self.factor_params, grads, self.rho, adaptive=self.adaptive, eta=self.eta)
-        self._log["eps_norm"] = sum(e.float().square().sum().to(eps[0].device) for e in eps).sqrt()
+        self._log[keys.EPS_NORM] = sum(e.float().square().sum().to(eps[0].device) for e in eps).sqrt()
         return list(zip(self.factor_params, eps))

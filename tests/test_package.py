@@ -1,0 +1,42 @@
+"""The package surface: lazy notebook-facing exports, the version, one-way imports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from importlib import metadata
+
+import flatlora
+
+
+def _imported_after(statement: str) -> set[str]:
+    code = f"import sys, json; {statement}; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return set(json.loads(out))
+
+
+def test_import_flatlora_is_light_and_names_load_on_first_use():
+    modules = _imported_after("import flatlora, flatlora.log_keys")
+    assert not {"torch", "transformers", "peft"} & modules
+    assert {"torch", "flatlora.trainer"} <= _imported_after("import flatlora; flatlora.FlatLoraTrainer")
+
+
+def test_every_exported_name_resolves_and_the_version_is_the_installed_one():
+    for name in flatlora.__all__:
+        assert getattr(flatlora, name) is not None, name
+    assert {"FlatLoraTrainer", "load_run", "list_runs", "make_method", "METHODS"} <= set(flatlora.__all__)
+    assert flatlora.load_run is __import__("flatlora.runs", fromlist=["load_run"]).load_run
+    assert flatlora.__version__ == metadata.version("flatlora")
+    assert "FlatLoraTrainer" in dir(flatlora)
+
+
+def test_flatlora_never_imports_analysis_or_app():
+    modules = _imported_after(
+        "import flatlora.cli, flatlora.experiment, flatlora.trainer, flatlora.runs, flatlora.data, flatlora.models"
+    )
+    assert not {m for m in modules if m.split(".")[0] in ("analysis", "app")}
+
+
+def test_the_export_table_and_all_agree():
+    assert set(flatlora.__all__) == {"FlatLoraError", "__version__", *flatlora._WHERE}

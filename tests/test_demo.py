@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from flatlora import cli
 
 
-@pytest.mark.slow
 def test_the_quick_demo_trains_measures_reports_and_reuses(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0

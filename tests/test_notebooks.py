@@ -15,8 +15,12 @@ NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
 
 
 def test_there_are_four_notebooks_and_none_holds_outputs():
-    assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_landscapes.ipynb", "03_theorem2.ipynb",
-                                           "04_sharpness_generalization.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == [
+        "01_quickstart.ipynb",
+        "02_landscapes.ipynb",
+        "03_theorem2.ipynb",
+        "04_sharpness_generalization.ipynb",
+    ]
     for path in NOTEBOOKS:
         book = json.loads(path.read_text())
         for cell in book["cells"]:
@@ -26,13 +30,24 @@ def test_there_are_four_notebooks_and_none_holds_outputs():
         assert len(params) == 1 and params[0]["metadata"]["nbmake"]["mock"], path.name  # the small test run
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_top_to_bottom_with_its_small_parameters(notebook, tmp_path):
     pytest.importorskip("nbmake")
     shutil.copy(notebook, tmp_path / notebook.name)  # its runs/ land in tmp, not in the repository
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "pytest", "--nbmake", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
-           "--nbmake-timeout", "1200", str(tmp_path / notebook.name)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "--nbmake",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--rootdir",
+        str(tmp_path),
+        "--nbmake-timeout",
+        "1200",
+        str(tmp_path / notebook.name),
+    ]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stdout[-4000:]

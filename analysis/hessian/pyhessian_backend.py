@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -122,7 +123,9 @@ def _session(model, probe, space_name, device, seed) -> Iterator[tuple[Any, _Spa
         module.hessian_vector_product = counted_hvp
         module.hessian.dataloader_hv_product = counted_loader
         try:
-            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), warnings.catch_warnings():
+                # PyHessian's backward(create_graph=True) cycle: the adapter frees those .grad below.
+                warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
                 torch.manual_seed(seed)
                 batches = [(_Batch(b), b.get("labels")) for b in probe_dev.batches]
                 kwargs = {"data": batches[0]} if len(batches) == 1 else {"dataloader": batches}

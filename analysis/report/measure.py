@@ -284,7 +284,7 @@ def measure_target(
             ),
         )
     if s.layers:
-        opts = {"space": s.eig_space, "tol": s.eig_tol, "trace_samples": max(s.trace_samples, 6), "seed": s.seed}
+        opts = {"space": s.eig_space, "tol": s.eig_tol, "trace_samples": s.layer_trace_samples, "seed": s.seed}
         hess["layers"] = cached(
             "layers",
             opts,
@@ -293,7 +293,7 @@ def measure_target(
                 lazy.probe,
                 s.eig_space,
                 tol=s.eig_tol,
-                trace_samples=max(s.trace_samples, 6),
+                trace_samples=s.layer_trace_samples,
                 seed=s.seed,
                 device=device,
                 progress=cb("per-layer curvature"),

@@ -23,7 +23,7 @@ class ReportSettings:
         eig_k, eig_tol, eig_space: top Hessian eigenvalues (Lanczos).
         trace_samples: Hutch++ products for tr(H) (0: skip).
         density_steps, density_runs: SLQ spectral density (0 steps: skip).
-        layers: per-layer top eigenvalue and trace.
+        layers, layer_trace_samples: per-layer top eigenvalue and trace (Hutch++ products per layer).
         landscape_steps, landscape_span: a 1-D landscape along a filter-normalized Gaussian
             direction of the sharpness space (0 steps: skip); saved in a run's analysis/ too.
         ema_checkpoint: recompute the Theorem-2 error at the latest checkpoint of eflat-lora runs.
@@ -46,6 +46,7 @@ class ReportSettings:
     density_steps: int = 0
     density_runs: int = 1
     layers: bool = False
+    layer_trace_samples: int = 12
     landscape_steps: int = 21
     landscape_span: float = 1.0
     ema_checkpoint: bool = True
@@ -106,11 +107,13 @@ PRESETS: dict[str, ReportSettings] = {
         trace_samples=12,
         density_steps=0,
         layers=False,
+        landscape_steps=11,
     ),
     "default": ReportSettings(),
     "full": ReportSettings(
         preset="full",
-        n=128,
+        n=64,
+        batch_size=64,  # one batch: its gradient graph is kept across the many Hessian products
         worst_steps=20,
         average_samples=20,
         eig_k=5,
@@ -119,6 +122,7 @@ PRESETS: dict[str, ReportSettings] = {
         density_steps=40,
         density_runs=2,
         layers=True,
+        landscape_steps=41,
     ),
 }
 

@@ -66,8 +66,32 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def report_settings(args: argparse.Namespace):
+    """The report's settings: the chosen preset with what the command line set explicitly."""
+    from analysis.report import preset
+
+    name = "quick" if args.quick else "full" if args.full else "default"
+    settings = preset(
+        name,
+        split=args.split,
+        batch_size=args.batch_size,
+        rhos=tuple(args.rho) if args.rho else None,
+        kinds=tuple(args.kinds.split(",")) if args.kinds else None,
+        space=args.space,
+        eig_k=args.eig_k,
+        eig_space=args.eig_space,
+        trace_samples=args.trace_samples,
+        density_steps=args.density_steps,
+        layers=True if args.layers else None,
+        seed=args.seed,
+    )
+    if args.n != -1:  # "all" gives None, which the preset call would read as "not given"
+        settings = dataclasses.replace(settings, n=args.n)
+    return settings
+
+
 def _report(args: argparse.Namespace) -> int:
-    from analysis.report import build_report, merge_shards, parse_shard, preset, summary_rows
+    from analysis.report import build_report, merge_shards, parse_shard, summary_rows
 
     quiet_transformers()
 
@@ -76,23 +100,7 @@ def _report(args: argparse.Namespace) -> int:
     else:
         if not args.paths:
             raise FlatLoraError("name at least one run directory, adapter folder or folder of runs (or pass --merge)")
-        name = "quick" if args.quick else "full" if args.full else "default"
-        settings = preset(
-            name,
-            split=args.split,
-            batch_size=args.batch_size,
-            rhos=tuple(args.rho) if args.rho else None,
-            kinds=tuple(args.kinds.split(",")) if args.kinds else None,
-            space=args.space,
-            eig_k=args.eig_k,
-            eig_space=args.eig_space,
-            trace_samples=args.trace_samples,
-            density_steps=args.density_steps,
-            layers=True if args.layers else None,
-            seed=args.seed,
-        )
-        if args.n != -1:  # "all" gives None, which the preset call would read as "not given"
-            settings = dataclasses.replace(settings, n=args.n)
+        settings = report_settings(args)
         shard = parse_shard(args.shard)
         if shard is None:
             _init_distributed()  # under torchrun, the ranks split the adapters and rank 0 writes
@@ -335,7 +343,7 @@ def add_measure_commands(sub: argparse._SubParsersAction) -> None:
     report.add_argument(
         "--examples", dest="n", type=_optional_n, default=-1, help="probe examples, or 'all' (default: the preset's)"
     )
-    report.add_argument("--batch-size", type=int, default=32, help="probe batch size (default 32)")
+    report.add_argument("--batch-size", type=int, default=None, help="probe batch size (default: the preset's; 32, full 64)")
     report.add_argument("--rho", type=_floats, help="sharpness radii, comma-separated (default 0.05)")
     report.add_argument("--kinds", help="sharpness kinds, comma-separated (default sam,worst,average,flat-lora)")
     report.add_argument("--space", default=None, help="sharpness space: merged (default), lora, b, all")

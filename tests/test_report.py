@@ -93,6 +93,20 @@ def test_theorem2_series_from_the_log_and_recomputed_at_the_checkpoint(runs):
         ema_error_series(runs / "lora-seed1")
 
 
+def test_command_line_presets_keep_their_own_sizes_unless_an_option_overrides_them():
+    from analysis.report import PRESETS
+    from flatlora.cli_measure import report_settings
+
+    parser = cli.build_parser()
+    for flags, name in (([], "default"), (["--quick"], "quick"), (["--full"], "full")):
+        settings = report_settings(parser.parse_args(["report", "runs", "--out", "o", *flags]))
+        assert settings == PRESETS[name]
+    assert PRESETS["full"].batch_size == PRESETS["full"].n  # one batch: the graph is kept across products
+    args = parser.parse_args(["report", "runs", "--out", "o", "--full", "--batch-size", "16", "--examples", "all"])
+    settings = report_settings(args)
+    assert (settings.batch_size, settings.n, settings.layers) == (16, None, True)
+
+
 def test_report_on_a_runs_folder_writes_every_file(runs, tmp_path, capsys):
     out = tmp_path / "report"
     assert cli.main(["report", str(runs), "--out", str(out), *QUICK]) == 0

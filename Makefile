@@ -32,9 +32,13 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
+# loss-landscapes is the landscape benchmark's peer: installed for the benchmarks only (--no-deps: torch stays pinned)
 bench: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps loss-landscapes==3.0.6
 	$(BIN)/python benchmarks/perturbation_cost.py
 	$(BIN)/python benchmarks/step_time.py
+	$(BIN)/python benchmarks/hessian.py
+	$(BIN)/python benchmarks/landscape.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

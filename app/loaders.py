@@ -73,6 +73,25 @@ def folder_problem(root: str) -> str | None:
     return None
 
 
+def runs_folder_or_stop() -> str:
+    """The sidebar's runs folder; a page that cannot show it says why and stops there."""
+    root = runs_dir()
+    problem = folder_problem(root)
+    if problem:
+        st.info(problem)
+        st.stop()
+    return root
+
+
+def finished_runs_or_stop(root: str, message: str = "no finished run yet") -> list[dict[str, Any]]:
+    """The rows of the finished runs under ``root``; with none, the page says ``message`` and stops."""
+    runs = [r for r in runs_table(root, folder_token(root)) if r["status"] == "done"]
+    if not runs:
+        st.info(message)
+        st.stop()
+    return runs
+
+
 def folder_token(root: str) -> tuple:
     """Modification times of every run.json and metrics.jsonl below ``root`` (a cache key that moves)."""
     out = []

@@ -175,68 +175,25 @@ def test_a_run_being_written_is_flagged(runs_folder, tmp_path, monkeypatch):
 def test_a_real_browser_renders_the_landscape_and_the_scatter(runs_folder, tmp_path):
     """flatlora app on a free port, Debian's headless Chromium through Selenium; screenshots kept as artifacts."""
     import os
-    import shutil
-    import socket
-    import subprocess
-    import sys
     import time
-    import urllib.request
 
-    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver_path):
-        pytest.skip(
-            "Debian's chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)"
-        )
-    webdriver = pytest.importorskip("selenium.webdriver")
+    from browser import headless_chromium, missing_browser, serve_app, wait_for_chart
+
+    if missing_browser():
+        pytest.skip(missing_browser())
+    pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    flatlora = shutil.which("flatlora", path=str(Path(sys.executable).parent))
-    server = subprocess.Popen(
-        [flatlora, "app", str(runs_folder), "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
     artifacts = Path(os.environ.get("FLATLORA_TEST_ARTIFACTS", tmp_path))
     artifacts.mkdir(parents=True, exist_ok=True)
-    browser = None
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                time.sleep(0.5)
-        options = webdriver.ChromeOptions()
-        options.binary_location = chromium
-        for flag in (
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--window-size=1400,1600",
-        ):
-            options.add_argument(flag)
-        browser = webdriver.Chrome(service=webdriver.ChromeService(driver_path), options=options)
+    with serve_app(runs_folder) as url, headless_chromium() as browser:
         for page, title_word in (("landscapes", "Loss along a direction"), ("correlation", "Kendall tau")):
-            browser.get(f"http://127.0.0.1:{port}/{page}")
-            WebDriverWait(browser, 120).until(ec.presence_of_element_located((By.CSS_SELECTOR, ".js-plotly-plot")))
+            browser.get(f"{url}/{page}")
+            wait_for_chart(browser)
             WebDriverWait(browser, 60).until(lambda b, w=title_word: w in b.find_element(By.TAG_NAME, "body").text)
             time.sleep(1)
             assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
             assert browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .main-svg")
             browser.save_screenshot(str(artifacts / f"dashboard-{page}.png"))
             assert (artifacts / f"dashboard-{page}.png").stat().st_size > 10_000
-    finally:
-        if browser is not None:
-            browser.quit()
-        server.terminate()
-        server.wait(timeout=30)

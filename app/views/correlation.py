@@ -11,11 +11,7 @@ from app import loaders
 from flatlora.errors import FlatLoraError
 
 st.title("Sharpness vs generalization")
-root = loaders.runs_dir()
-problem = loaders.folder_problem(root)
-if problem:
-    st.info(problem)
-    st.stop()
+root = loaders.runs_folder_or_stop()
 report = loaders.report(root, loaders.report_token(root))
 if report is None:
     st.info(f"no report in {loaders.report_path(root)}: build it on the Report page (or run flatlora demo)")

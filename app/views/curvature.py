@@ -8,15 +8,8 @@ from analysis import plots
 from app import loaders
 
 st.title("Curvature (Hessian)")
-root = loaders.runs_dir()
-problem = loaders.folder_problem(root)
-if problem:
-    st.info(problem)
-    st.stop()
-runs = [r for r in loaders.runs_table(root, loaders.folder_token(root)) if r["status"] == "done"]
-if not runs:
-    st.info("no finished run yet")
-    st.stop()
+root = loaders.runs_folder_or_stop()
+runs = loaders.finished_runs_or_stop(root, "no finished run yet")
 paths = {r["run"]: r["path"] for r in runs}
 defaults = loaders.measure_defaults(root)
 c1, c2, c3 = st.columns(3)

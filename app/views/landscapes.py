@@ -9,15 +9,8 @@ from analysis.balance import trajectory_steps
 from app import loaders
 
 st.title("Loss landscapes")
-root = loaders.runs_dir()
-problem = loaders.folder_problem(root)
-if problem:
-    st.info(problem)
-    st.stop()
-runs = [r for r in loaders.runs_table(root, loaders.folder_token(root)) if r["status"] == "done"]
-if not runs:
-    st.info("no finished run yet: landscapes need a saved adapter")
-    st.stop()
+root = loaders.runs_folder_or_stop()
+runs = loaders.finished_runs_or_stop(root, "no finished run yet: landscapes need a saved adapter")
 paths = {r["run"]: r["path"] for r in runs}
 settings = loaders.measure_defaults(root)
 with st.expander("Settings (the demo's by default, so its saved landscapes are reused)"):

@@ -11,11 +11,7 @@ from app import loaders
 from flatlora.errors import FlatLoraError
 
 st.title("Report")
-root = loaders.runs_dir()
-problem = loaders.folder_problem(root)
-if problem:
-    st.info(problem)
-    st.stop()
+root = loaders.runs_folder_or_stop()
 out = loaders.report_path(root).parent
 name = st.radio(
     "Preset",

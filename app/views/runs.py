@@ -8,11 +8,7 @@ from analysis import plots
 from app import loaders
 
 st.title("Runs")
-root = loaders.runs_dir()
-problem = loaders.folder_problem(root)
-if problem:
-    st.info(problem)
-    st.stop()
+root = loaders.runs_folder_or_stop()
 
 
 @st.fragment(run_every=5.0)

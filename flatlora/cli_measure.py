@@ -269,6 +269,8 @@ def app_command(runs: str, port: int, host: str) -> list[str]:
         "true",
         "--browser.gatherUsageStats",
         "false",
+        "--client.toolbarMode",
+        "viewer",  # no Deploy button or developer menu: the dashboard is a local tool
         "--",
         "--runs",
         runs,

@@ -178,3 +178,16 @@ def test_every_builder_returns_the_expected_traces():
         plots.correlation_scatter_png(rows, "measure", "gap"),
     ):
         assert fig.axes and fig.axes[0].has_data()
+
+
+def test_a_run_keeps_its_colour_whatever_order_a_figure_lists_the_runs_in():
+    from analysis.plots.figures import color_for
+
+    order, other = ["lora", "flat-lora", "eflat-lora"], ["eflat-lora", "lora", "flat-lora"]
+    assert [color_for(m, order) for m in other] == [color_for(m, other) for m in other]
+    assert len({color_for(m, order) for m in order}) == 3
+    rows = [{"name": m, "method": m, "sam": float(i), "test_accuracy": 0.5 + i / 10} for i, m in enumerate(order)]
+    forward = plots.correlation_scatter_figure(rows, "sam")
+    backward = plots.correlation_scatter_figure(rows[::-1], "sam")
+    colours = lambda fig: {t.name: t.marker.color for t in fig.data}  # noqa: E731
+    assert colours(forward) == colours(backward)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import streamlit as st
 
 from analysis import plots
@@ -9,6 +11,11 @@ from analysis.correlation import TARGETS, correlate, measure_columns
 from analysis.report import summary_rows
 from app import loaders
 from flatlora.errors import FlatLoraError
+
+
+def _axis(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.2f}"
+
 
 st.title("Sharpness vs generalization")
 root = loaders.runs_folder_or_stop()
@@ -36,5 +43,6 @@ for col, (label, stat) in zip(
     col.caption(f"95% bootstrap interval [{stat['low']:.3f}, {stat['high']:.3f}]")
 st.caption(
     f"{result.n_runs} runs; granulated over the axes that vary: {', '.join(result.settings['axes']) or 'none'}"
-    f"; per axis: {', '.join(f'{k} {v:.2f}' for k, v in result.granulated['per_axis'].items())}"
+    f"; per axis: {', '.join(f'{k} {_axis(v)}' for k, v in result.granulated['per_axis'].items())}"
+    " (n/a: no two runs differ in that axis alone)"
 )

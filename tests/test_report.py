@@ -94,7 +94,7 @@ def test_theorem2_series_from_the_log_and_recomputed_at_the_checkpoint(runs):
 
 
 def test_command_line_presets_keep_their_own_sizes_unless_an_option_overrides_them():
-    from analysis.report import PRESETS
+    from analysis.report import PRESETS, preset
     from flatlora.cli_measure import report_settings
 
     parser = cli.build_parser()
@@ -105,6 +105,8 @@ def test_command_line_presets_keep_their_own_sizes_unless_an_option_overrides_th
     args = parser.parse_args(["report", "runs", "--out", "o", "--full", "--batch-size", "16", "--examples", "all"])
     settings = report_settings(args)
     assert (settings.batch_size, settings.n, settings.layers) == (16, None, True)
+    with pytest.raises(FlatLoraError, match="layer_trace_samples must be >= 6"):
+        preset("full", layer_trace_samples=3)
 
 
 def test_report_on_a_runs_folder_writes_every_file(runs, tmp_path, capsys):

@@ -79,6 +79,8 @@ class ReportSettings:
             raise FlatLoraError(f"landscape_steps must be 0 (skip) or >= 2, got {self.landscape_steps}")
         if self.trace_samples and self.trace_samples < 6:
             raise FlatLoraError(f"trace_samples must be 0 (skip) or >= 6, got {self.trace_samples}")
+        if self.layers and self.layer_trace_samples < 6:
+            raise FlatLoraError(f"layer_trace_samples must be >= 6 (Hutch++), got {self.layer_trace_samples}")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

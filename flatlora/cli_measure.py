@@ -345,9 +345,7 @@ def add_measure_commands(sub: argparse._SubParsersAction) -> None:
     report.add_argument(
         "--examples", dest="n", type=_optional_n, default=-1, help="probe examples, or 'all' (default: the preset's)"
     )
-    report.add_argument(
-        "--batch-size", type=int, default=None, help="probe batch size (default: the preset's; 32, full 64)"
-    )
+    report.add_argument("--batch-size", type=int, default=None, help="probe batch size (default: the preset's)")
     report.add_argument("--rho", type=_floats, help="sharpness radii, comma-separated (default 0.05)")
     report.add_argument("--kinds", help="sharpness kinds, comma-separated (default sam,worst,average,flat-lora)")
     report.add_argument("--space", default=None, help="sharpness space: merged (default), lora, b, all")

@@ -92,11 +92,12 @@ def wait_for_chart(browser, timeout: float = 120.0) -> None:
 
 
 def screenshots(runs_dir: str = "runs/demo", out_dir: str = "screens") -> None:
-    """A PNG of every page (the README's docs/dashboard.png is the Runs page)."""
+    """A PNG of every page (the README's docs/dashboard.png is the Landscapes page)."""
     from selenium.common.exceptions import TimeoutException
 
-    if missing_browser():
-        raise SystemExit(missing_browser())
+    reason = missing_browser()
+    if reason:
+        raise SystemExit(reason)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with serve_app(runs_dir) as url, headless_chromium(1500, 1700) as browser:

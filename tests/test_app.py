@@ -179,8 +179,9 @@ def test_a_real_browser_renders_the_landscape_and_the_scatter(runs_folder, tmp_p
 
     from browser import headless_chromium, missing_browser, serve_app, wait_for_chart
 
-    if missing_browser():
-        pytest.skip(missing_browser())
+    reason = missing_browser()
+    if reason:
+        pytest.skip(reason)
     pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

@@ -127,18 +127,9 @@ def _history(run) -> list[dict[str, Any]]:
 def _landscape_1d(target, run, s: ReportSettings, data, lazy, cached, cb, device) -> dict[str, Any]:
     """The 1-D landscape of the report; for a run it is also saved in (and reused from) RUN/analysis/."""
     from analysis.landscape import cached_landscape, landscape_1d
-    from analysis.landscape.store import landscape_key, landscape_settings
+    from analysis.landscape.store import landscape_key
 
-    opts = landscape_settings(
-        steps=s.landscape_steps,
-        span=s.landscape_span,
-        space=s.space,
-        seed=s.seed,
-        split=s.split,
-        n=s.n,
-        batch_size=s.batch_size,
-        data=data,
-    )
+    opts = s.landscape_settings(data)
 
     def compute():
         return landscape_1d(

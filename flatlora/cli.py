@@ -19,14 +19,28 @@ from flatlora.errors import FlatLoraError
 
 HELP = {
     "method": "training method: lora, lora-sam, flat-lora, eflat-lora, rwp-lora, bar",
-    "data": "tweets (bundled), a GLUE task name or hub dataset id (needs flatlora[hub]), a GLUE-format folder, "
-    "a folder datasets reads (save_to_disk, parquet/CSV/JSON splits), or a CSV/TSV/JSONL file",
-    "model": "HF hub id or local folder (default: the bundled all-MiniLM-L6-v2)",
-    "shots": "k examples per class (LM-BFF few-shot); 'none' trains on the whole train split",
+    "task": "classification or causal-lm (default: inferred from the data; an E2E folder or prompt/target "
+    "columns mean causal-lm)",
+    "data": "classification: tweets (bundled, the default), a GLUE task name or hub dataset id (needs flatlora[hub]), "
+    "a GLUE-format folder, a folder datasets reads, or a CSV/TSV/JSONL file; causal-lm: e2e (bundled, the default), "
+    "an E2E folder (trainset/devset.csv, testset_w_refs.csv) or a CSV/TSV/JSONL file with prompt/target columns",
+    "model": "HF hub id or local folder (default: the bundled all-MiniLM-L6-v2; causal-lm: SmolLM2-135M-Instruct)",
+    "shots": "k examples per class (causal-lm: k prompts, each with all its references; LM-BFF few-shot); "
+    "'none' trains on the whole train split",
     "seed": "seed of the few-shot sample, the head's init, data order and dropout",
-    "test_cap": "evaluate on at most this many test examples (drawn with seed 42); 'none' for all",
-    "text_column": "text column of a CSV/TSV/JSONL file (default: detected)",
+    "test_cap": "evaluate on at most this many test examples (causal-lm: prompts with all their references), "
+    "drawn with seed 42; 'none' for all; default auto: 1000 examples, or 50 prompts for causal-lm",
+    "text_column": "text column of a CSV/TSV/JSONL file (default: detected); causal-lm: alone, plain LM",
     "label_column": "label column of a CSV/TSV/JSONL file (default: label)",
+    "prompt_column": "causal-lm: prompt column of a CSV/TSV/JSONL file (default: detected, e.g. prompt, mr)",
+    "target_column": "causal-lm: target column (default: detected, e.g. target, ref); loss on its tokens only",
+    "gguf_file": "causal-lm: a GGUF checkpoint (a .gguf path, or a file name inside --model's folder)",
+    "chat_template": "causal-lm: do not wrap prompts in the tokenizer's chat template",
+    "generate": "causal-lm: at the end, generate for N test prompts and score them (BLEU, NIST, METEOR, ROUGE_L, "
+    "CIDEr); 0: off",
+    "decoding": "causal-lm generation: greedy, or e2e (beam 10, length penalty 0.9, no repeated 4-grams, 64 tokens)",
+    "num_beams": "causal-lm generation: beams (overrides --decoding's)",
+    "max_new_tokens": "causal-lm generation: new tokens at most (overrides --decoding's 64)",
     "rho": "perturbation radius (full weight space for flat-lora / eflat-lora)",
     "rho_schedule": "constant, linear or cosine from --rho to --rho-min",
     "rho_min": "final radius of a rho schedule",
@@ -53,7 +67,7 @@ HELP = {
     "precision": "fp32, bf16 or fp16 (mixed precision)",
     "log_every": "log (metrics.jsonl) every k steps",
     "eval_every": "evaluate on the dev split every k steps (0: only at the end)",
-    "eval_batch_size": "examples per evaluation batch",
+    "eval_batch_size": "examples per evaluation (and generation) batch (default: 64; causal-lm: 8)",
     "save_every": "checkpoint (for --resume) every k steps",
     "trajectory_every": "save the adapter every k steps to trajectory/ (0: off)",
     "progress": "progress bars",
@@ -62,6 +76,10 @@ HELP = {
 
 def _optional_int(text: str) -> int | None:
     return None if text.lower() == "none" else int(text)
+
+
+def _test_cap(text: str) -> int | str | None:
+    return "auto" if text.lower() == "auto" else _optional_int(text)
 
 
 def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -73,9 +91,15 @@ def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] =
         "model": parser.add_argument_group("model and LoRA"),
         "optim": parser.add_argument_group("optimisation"),
         "io": parser.add_argument_group("logging and saving"),
+        "generation": parser.add_argument_group("generation (causal-lm)"),
     }
     where = {
-        **dict.fromkeys(["data", "shots", "seed", "test_cap", "text_column", "label_column"], "data"),
+        **dict.fromkeys(
+            ["task", "data", "shots", "seed", "test_cap", "text_column", "label_column", "prompt_column"], "data"
+        ),
+        **dict.fromkeys(["target_column"], "data"),
+        **dict.fromkeys(["gguf_file", "chat_template"], "model"),
+        **dict.fromkeys(["generate", "decoding", "num_beams", "max_new_tokens"], "generation"),
         **dict.fromkeys(
             [
                 "method",
@@ -102,11 +126,21 @@ def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] =
         help_text = HELP.get(f.name, "")
         if f.name == "progress":
             group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+        elif f.name == "chat_template":
+            group.add_argument("--no-chat-template", dest="chat_template", action="store_false", help=help_text)
+        elif f.name == "task":
+            group.add_argument(flag, choices=("classification", "causal-lm"), default=None, help=help_text)
+        elif f.name == "decoding":
+            group.add_argument(flag, choices=("greedy", "e2e"), default=default, help=f"{help_text} (default: greedy)")
+        elif f.name in ("num_beams", "max_new_tokens", "eval_batch_size"):
+            group.add_argument(flag, type=int, default=None, help=help_text)
+        elif f.name == "test_cap":
+            group.add_argument(flag, type=_test_cap, default=default, help=help_text)
         elif isinstance(default, bool):
             group.add_argument(flag, action="store_true", help=help_text)
         elif f.name == "target_modules":
             group.add_argument(flag, nargs="+", default=None, help=help_text)
-        elif f.name in ("shots", "test_cap"):
+        elif f.name == "shots":
             group.add_argument(flag, type=_optional_int, default=default, help=f"{help_text} (default: {default})")
         else:
             kind = type(default) if default is not None else str

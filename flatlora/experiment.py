@@ -22,13 +22,18 @@ class TrainConfig:
     """What defines a run (the run directory's ``hparams``, ``data`` and ``model``)."""
 
     method: str = "eflat-lora"
-    data: str = "tweets"
-    model: str | None = None  # None: the bundled all-MiniLM-L6-v2
-    shots: int | None = 16  # k per class (LM-BFF); None trains on the whole train split
+    task: str | None = None  # classification | causal-lm; None: inferred from the data (classification otherwise)
+    data: str | None = None  # None: tweets (classification) or the bundled E2E (causal-lm)
+    model: str | None = None  # None: the bundled all-MiniLM-L6-v2 or SmolLM2-135M-Instruct
+    shots: int | None = 16  # k per class (LM-BFF), k prompts for causal LM; None trains on the whole train split
     seed: int = 13
-    test_cap: int | None = 1000
+    test_cap: int | str | None = "auto"  # "auto": 1000 examples (classification), 50 prompts (causal LM)
     text_column: str | None = None
     label_column: str | None = None
+    prompt_column: str | None = None
+    target_column: str | None = None
+    gguf_file: str | None = None
+    chat_template: bool = True
     # method
     rho: float = 0.05
     rho_schedule: str = "constant"
@@ -59,10 +64,15 @@ class TrainConfig:
     # logging and saving (not part of the run's identity)
     log_every: int = field(default=10, metadata={"identity": False})
     eval_every: int = field(default=0, metadata={"identity": False})
-    eval_batch_size: int = field(default=64, metadata={"identity": False})
+    eval_batch_size: int | None = field(default=None, metadata={"identity": False})  # None: 64, causal LM 8
     save_every: int = field(default=50, metadata={"identity": False})
     trajectory_every: int = field(default=0, metadata={"identity": False})
     progress: bool = field(default=True, metadata={"identity": False})
+    # generation at the final evaluation (causal LM; not part of the run's identity)
+    generate: int = field(default=0, metadata={"identity": False})
+    decoding: str = field(default="greedy", metadata={"identity": False})
+    num_beams: int | None = field(default=None, metadata={"identity": False})
+    max_new_tokens: int | None = field(default=None, metadata={"identity": False})
 
     def method_kwargs(self) -> dict[str, Any]:
         """The options of this config that apply to its method."""
@@ -83,7 +93,12 @@ class TrainConfig:
 
     def hparams(self) -> dict[str, Any]:
         """The run's identity: every field that changes the result, minus data and model."""
-        skip = {"method", "data", "model", "shots", "test_cap", "text_column", "label_column"}
+        from flatlora.experiment_lm import CAUSAL_ONLY
+
+        skip = {"method", "task", "data", "model", "shots", "test_cap", "text_column", "label_column"}
+        skip |= {"prompt_column", "target_column"}
+        if self.task != "causal-lm":  # a classifier's identity is what it was before causal LMs existed
+            skip |= set(CAUSAL_ONLY)
         out = {}
         for f in dataclasses.fields(self):
             if f.name in skip or f.metadata.get("identity") is False:
@@ -95,7 +110,7 @@ class TrainConfig:
         return out
 
     def data_spec(self) -> dict[str, Any]:
-        return {
+        spec = {
             "spec": self.data,
             "shots": self.shots,
             "seed": self.seed,
@@ -103,6 +118,10 @@ class TrainConfig:
             "text_column": self.text_column,
             "label_column": self.label_column,
         }
+        if self.task == "causal-lm":
+            spec.pop("label_column")
+            spec.update(task=self.task, prompt_column=self.prompt_column, target_column=self.target_column)
+        return spec
 
 
 def validate(config: TrainConfig) -> None:
@@ -117,6 +136,8 @@ def validate(config: TrainConfig) -> None:
     positive = ("steps", "batch_size", "grad_accum", "r", "max_length", "eval_batch_size", "log_every", "save_every")
     for name in positive:
         value = getattr(config, name)
+        if value is None and name == "eval_batch_size":  # the task's default, set by resolve_task
+            continue
         if not (isinstance(value, int) and value >= 1):
             raise FlatLoraError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
     for name in ("eval_every", "trajectory_every", "diagnostics_every"):
@@ -140,6 +161,8 @@ def prepare_data(config: TrainConfig):
     if config.label_column is not None:
         kwargs["label_column"] = config.label_column
     splits = load_data(config.data, **kwargs)
+    if config.task == "causal-lm":
+        raise FlatLoraError("prepare_data builds classification splits: use experiment_lm.prepare_causal_data")
     if config.shots is not None:
         return make_few_shot(splits, config.shots, config.seed, test_cap=config.test_cap)
     if "test" not in splits:
@@ -170,17 +193,16 @@ def _accuracy(eval_pred) -> dict[str, float]:
 def train_run(config: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False):
     """Train one run into the run directory ``out`` and return it as a :class:`flatlora.runs.Run`.
 
-    Under several processes (torchrun, accelerate launch) every rank checks everything a user
-    can get wrong before any rank writes, and they agree: all go on, or all stop with the same
-    one-line error. Rank 0 alone writes the run directory and returns the run; other ranks
-    return None.
+    The task (classification or causal-lm) comes from ``config.task`` or the data. Under several
+    processes (torchrun, accelerate launch) every rank checks everything a user can get wrong
+    before any rank writes, and they agree: all go on, or all stop with the same one-line error.
+    Rank 0 alone writes the run directory and returns the run; other ranks return None.
     """
     from transformers.utils import logging as hf_logging
 
     from flatlora import distributed
-    from flatlora.data import TextClassificationCollator
+    from flatlora.experiment_lm import resolve_task
     from flatlora.methods import make_method
-    from flatlora.models import canonical_model_id, load_classifier
     from flatlora.run_callbacks import RunDirCallback, read_books, show_progress
     from flatlora.runs import RunDir, latest_checkpoint, load_run
     from flatlora.trainer import FlatLoraTrainer
@@ -190,39 +212,31 @@ def train_run(config: TrainConfig, out: str | Path, *, resume: bool = False, ove
     distributed.init()
     with distributed.agreed():
         validate(config)
-        splits = prepare_data(config)
-        train = splits["train"]
-        model, tokenizer = load_classifier(
-            config.model,
-            num_labels=train.num_labels,
-            r=config.r,
-            alpha=config.alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=config.target_modules,
-            use_rslora=config.rslora,
-            seed=config.seed,
-        )
+        config = resolve_task(config)
+        setup = _causal_setup(config) if config.task == "causal-lm" else _classification_setup(config)
+        model = setup["model"]
         # Build the method once on the model now, so that its options are checked before anything is written.
         make_method(config.method, model, lr=config.lr, total_steps=config.steps, **config.method_kwargs())
-        data = {**config.data_spec(), "label_names": train.label_names, "sizes": {k: len(v) for k, v in splits.items()}}
-        identity = dict(
-            method=config.method, hparams=config.hparams(), data=data, model=canonical_model_id(config.model)
-        )
+        identity = dict(method=config.method, hparams=config.hparams(), data=setup["data"], model=setup["model_id"])
         RunDir.check(out, **identity, resume=resume, overwrite=overwrite)
         # Every rank resumes from the same checkpoint (read before rank 0 writes anything).
         checkpoint = latest_checkpoint(Path(out) / "checkpoint") if resume else None
-        args = training_arguments(config, out, has_dev="dev" in splits)
+        args = training_arguments(config, out, has_dev="dev" in setup["eval"])
+        _check_writable(out)
     run = RunDir.create(out, **identity, resume=resume, overwrite=overwrite) if distributed.is_main() else None
+    if run is not None:
+        run.update(task=config.task, **setup["extra"])
     distributed.barrier()
     try:
         trainer = FlatLoraTrainer(
             model=model,
             args=args,
-            train_dataset=train,
-            eval_dataset=splits.get("dev") if config.eval_every else None,
-            data_collator=TextClassificationCollator(tokenizer, config.max_length),
-            processing_class=tokenizer,
-            compute_metrics=_accuracy,
+            train_dataset=setup["eval"]["train"],
+            eval_dataset=setup["eval"].get("dev") if config.eval_every else None,
+            data_collator=setup["collator"],
+            processing_class=setup["tokenizer"],
+            compute_metrics=setup["compute_metrics"],
+            preprocess_logits_for_metrics=setup.get("preprocess_logits"),
             method=config.method,
             method_kwargs=config.method_kwargs(),
             perturbation_sync=config.perturbation_sync,
@@ -239,10 +253,19 @@ def train_run(config: TrainConfig, out: str | Path, *, resume: bool = False, ove
             books.final = True
         metrics: dict[str, float] = {}
         for split in FINAL_SPLITS:
-            if split in splits and len(splits[split]):
-                result = trainer.evaluate(splits[split], metric_key_prefix=split)
-                for what in ("loss", "accuracy"):
+            if split in setup["eval"] and len(setup["eval"][split]):
+                result = trainer.evaluate(setup["eval"][split], metric_key_prefix=split)
+                for what in setup["final_metrics"]:
                     metrics[final_key(split, what)] = float(result[final_key(split, what)])
+        if config.task == "causal-lm" and config.generate and distributed.is_main():
+            from flatlora.experiment_lm import generate_and_score
+            from flatlora.log_keys import PHASE, PHASE_FINAL
+
+            scored = generate_and_score(config, model, setup["tokenizer"], setup["splits"]["test"], run)
+            metrics.update(scored["metrics"])
+            if run is not None:
+                run.append_metrics({PHASE: PHASE_FINAL, "step": trainer.state.global_step, **scored["metrics"]})
+                run.update(generation=scored["generation"])
         if run is not None:
             run.save_adapter(model)
             run.finish(metrics, wall_time_s=books.wall_time())
@@ -252,6 +275,91 @@ def train_run(config: TrainConfig, out: str | Path, *, resume: bool = False, ove
             run.fail(message if not isinstance(err, KeyboardInterrupt) else "interrupted")
         raise
     return load_run(out) if run is not None else None
+
+
+def _check_writable(out: str | Path) -> None:
+    """--out must be creatable: its first existing ancestor a writable folder (checked before any rank writes)."""
+    import os
+
+    path = Path(out).expanduser().absolute()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if probe != path and not probe.is_dir():
+        raise FlatLoraError(f"--out {out} lies under {probe}, which is a file: choose another --out")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise FlatLoraError(f"--out {out}: {probe} is not writable: choose a folder you can write to")
+
+
+def _classification_setup(config: TrainConfig) -> dict[str, Any]:
+    from flatlora.data import TextClassificationCollator
+    from flatlora.models import canonical_model_id, load_classifier
+
+    splits = prepare_data(config)
+    train = splits["train"]
+    model, tokenizer = load_classifier(
+        config.model,
+        num_labels=train.num_labels,
+        r=config.r,
+        alpha=config.alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules,
+        use_rslora=config.rslora,
+        seed=config.seed,
+    )
+    data = {**config.data_spec(), "label_names": train.label_names, "sizes": {k: len(v) for k, v in splits.items()}}
+    return {
+        "model": model,
+        "tokenizer": tokenizer,
+        "model_id": canonical_model_id(config.model),
+        "data": data,
+        "splits": splits,
+        "eval": splits,
+        "collator": TextClassificationCollator(tokenizer, config.max_length),
+        "compute_metrics": _accuracy,
+        "final_metrics": ("loss", "accuracy"),
+        "extra": {},
+    }
+
+
+def _causal_setup(config: TrainConfig) -> dict[str, Any]:
+    from flatlora.causal_lm import DEFAULT_LLM_WEIGHTS, canonical_llm_id, is_default_llm, load_causal_lm
+    from flatlora.data.lm_encode import CausalLMCollator
+    from flatlora.experiment_lm import causal_metrics, data_sizes, encode_splits, prepare_causal_data, token_nll
+
+    splits = prepare_causal_data(config)
+    model, tokenizer = load_causal_lm(
+        config.model,
+        gguf_file=config.gguf_file,
+        r=config.r,
+        alpha=config.alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules,
+        use_rslora=config.rslora,
+        seed=config.seed,
+    )
+    encoded = encode_splits(config, splits, tokenizer)
+    from flatlora.data.lm_encode import uses_chat_template
+
+    data = {**config.data_spec(), "sizes": data_sizes(splits, encoded)}
+    default = is_default_llm(config.model) and config.gguf_file is None
+    extra = {
+        "base_weights": DEFAULT_LLM_WEIGHTS if default else ("GGUF dequantized to float" if config.gguf_file else None),
+        "chat_template_used": uses_chat_template(tokenizer, config.chat_template),
+    }
+    return {
+        "model": model,
+        "tokenizer": tokenizer,
+        "model_id": canonical_llm_id(config.model) if config.gguf_file is None else (config.model or config.gguf_file),
+        "data": data,
+        "splits": splits,
+        "eval": encoded,
+        "collator": CausalLMCollator(tokenizer.pad_token_id),
+        "compute_metrics": causal_metrics,
+        "preprocess_logits": token_nll,
+        "final_metrics": ("loss", "perplexity"),
+        "extra": extra,
+    }
 
 
 def training_arguments(config: TrainConfig, out: str | Path, *, has_dev: bool):

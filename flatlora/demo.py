@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 DEMO_METHODS = ("lora", "flat-lora", "eflat-lora")
+DEFAULT_OUT, DEFAULT_LLM_OUT = "runs/demo", "runs/demo-llm"
 
 
 def demo_config(args: argparse.Namespace, method: str):
@@ -79,6 +80,12 @@ def run_demo(args: argparse.Namespace) -> int:
     from flatlora.cli_measure import ProgressBars, quiet_transformers
 
     quiet_transformers()
+    if args.llm:
+        from flatlora.demo_llm import run_llm_demo
+
+        if args.out == DEFAULT_OUT:
+            args.out = DEFAULT_LLM_OUT
+        return run_llm_demo(args)
     if args.quick:
         args.steps, args.test_cap = 20, 100
     start = time.perf_counter()
@@ -143,7 +150,16 @@ def print_measures(report: dict[str, Any], rows: list[dict[str, Any]]) -> None:
 
 
 def add_demo_arguments(demo: argparse.ArgumentParser) -> None:
-    demo.add_argument("--out", default="runs/demo", help="folder of the demo's runs (default: runs/demo)")
+    demo.add_argument(
+        "--out",
+        default=DEFAULT_OUT,
+        help=f"folder of the demo's runs (default: {DEFAULT_OUT}; --llm: {DEFAULT_LLM_OUT})",
+    )
+    demo.add_argument(
+        "--llm",
+        action="store_true",
+        help="the LLM half: few-shot E2E NLG on the bundled SmolLM2-135M-Instruct, generation and the E2E metrics",
+    )
     demo.add_argument("--methods", nargs="+", default=list(DEMO_METHODS))
     demo.add_argument("--shots", type=int, default=16)
     demo.add_argument("--seed", type=int, default=13)
@@ -156,6 +172,6 @@ def add_demo_arguments(demo: argparse.ArgumentParser) -> None:
     demo.add_argument(
         "--quick",
         action="store_true",
-        help="a shortened demo (20 steps, 100 test tweets, quick report)",
+        help="a shortened demo (20 steps, 100 test tweets, quick report; --llm: 3 steps, 4 test MRs)",
     )
     demo.add_argument("--no-progress", dest="progress", action="store_false")

@@ -59,3 +59,27 @@ def csv_file(tmp_path_factory):
         rows.append(f"a {rng.choice(WORDS[label])} film number {i},{label}")
     path.write_text("\n".join(rows) + "\n")
     return path
+
+
+# -- causal LMs: the default LLM's tokenizer (from its GGUF file, a few seconds) and tiny models using it
+
+
+@pytest.fixture(scope="session")
+def llm_tokenizer():
+    from flatlora.causal_lm import load_base_causal_lm_tokenizer
+
+    return load_base_causal_lm_tokenizer()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, llm_tokenizer):
+    from flatlora.causal_lm import save_tiny_causal_lm
+
+    return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny-llama"), arch="llama", tokenizer=llm_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, llm_tokenizer):
+    from flatlora.causal_lm import save_tiny_causal_lm
+
+    return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny-gpt2"), arch="gpt2", tokenizer=llm_tokenizer)

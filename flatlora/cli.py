@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import math
 import os
 import statistics
 import sys
@@ -228,13 +229,15 @@ def summary_rows(root: str | Path) -> list[dict[str, Any]]:
             "seeds": len(runs),
             "task": runs[0].info.get("task", "classification"),
             "test_acc_mean": statistics.fmean(acc),
-            "test_acc_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+            "test_acc_std": statistics.stdev(acc) if len(acc) > 1 and not any(math.isnan(x) for x in acc) else 0.0,
             "test_loss_mean": statistics.fmean(r.final.get("test_loss", float("nan")) for r in runs),
             "wall_s_mean": statistics.fmean(r.info.get("wall_time_s") or float("nan") for r in runs),
         }
         for key in ("test_perplexity", "test_bleu", "test_rouge_l"):  # causal-LM runs
             values = [r.final.get(key) for r in runs]
-            values = [v if v is not None else float("nan") for v in values]
+            if any(v is None for v in values):  # classifiers, or a metric that could not be computed
+                row[f"{key}_mean"] = row[f"{key}_std"] = float("nan")
+                continue
             row[f"{key}_mean"] = statistics.fmean(values)
             row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         rows.append(row)

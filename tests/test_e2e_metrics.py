@@ -14,7 +14,7 @@ from flatlora.generation import e2e_metrics
 from flatlora.generation.e2e_metrics import score_generations
 from flatlora.generation.mteval import corpus_bleu_nist, mteval_tokenize
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "metrics-example"
+DATA = Path(__file__).resolve().parent / "data" / "e2e_metrics_example"  # copies of the shared example files
 JAVA_METRICS = ("METEOR", "ROUGE_L", "CIDEr")
 HAS_JAVA = shutil.which("java") is not None
 HAS_COCO = importlib.util.find_spec("pycocoevalcap") is not None

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from flatlora.errors import FlatLoraError
-from flatlora.models import _set_pad_token, default_lora_targets
+from flatlora.models import _set_pad_token, wrap_lora
 
 DEFAULT_LLM_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 """The default causal LM's hub id: what run.json and adapter_config.json record."""
@@ -142,31 +142,10 @@ def load_causal_lm(
     c_attn Conv1D for GPT-2, with ``fan_in_fan_out``) unless ``target_modules`` says otherwise.
     The LoRA A factors are drawn after ``torch.manual_seed(seed)``.
     """
-    from peft import LoraConfig, get_peft_model
-    from transformers.pytorch_utils import Conv1D
-
     base, tokenizer = load_base_causal_lm(model, gguf_file=gguf_file, dtype=dtype)
-    targets = target_modules or default_lora_targets(base)
-    leaves = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
-    missing = [t for t in targets if t not in leaves]
-    if missing:
-        some = ", ".join(sorted(n for n in leaves if n and not n.isdigit())[:12])
-        raise FlatLoraError(
-            f"no module named {', '.join(missing)} in {model or DEFAULT_LLM_ID}: pass --target-modules from its "
-            f"module names ({some}, ...)"
-        )
-    conv1d = any(isinstance(m, Conv1D) for n, m in base.named_modules() if n.rsplit(".", 1)[-1] in targets)
-    config = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=lora_dropout,
-        target_modules=targets,
-        use_rslora=use_rslora,
-        task_type="CAUSAL_LM",
-        fan_in_fan_out=conv1d,
-    )
+    lora = dict(r=r, alpha=alpha, lora_dropout=lora_dropout, target_modules=target_modules, use_rslora=use_rslora)
     torch.manual_seed(seed)
-    return get_peft_model(base, config), tokenizer
+    return wrap_lora(base, "CAUSAL_LM", name=model or DEFAULT_LLM_ID, **lora), tokenizer
 
 
 def save_tiny_causal_lm(folder, *, arch: str = "llama", seed: int = 0, tokenizer: Any = None) -> str:

@@ -91,6 +91,17 @@ class TrainConfig:
         }
         return {k: v for k, v in candidates.items() if k in options}
 
+    def lora_options(self) -> dict[str, Any]:
+        """The keyword arguments of the model loaders that shape the adapter."""
+        return dict(
+            r=self.r,
+            alpha=self.alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=self.target_modules,
+            use_rslora=self.rslora,
+            seed=self.seed,
+        )
+
     def hparams(self) -> dict[str, Any]:
         """The run's identity: every field that changes the result, minus data and model."""
         from flatlora.experiment_lm import CAUSAL_ONLY
@@ -297,16 +308,7 @@ def _classification_setup(config: TrainConfig) -> dict[str, Any]:
 
     splits = prepare_data(config)
     train = splits["train"]
-    model, tokenizer = load_classifier(
-        config.model,
-        num_labels=train.num_labels,
-        r=config.r,
-        alpha=config.alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=config.target_modules,
-        use_rslora=config.rslora,
-        seed=config.seed,
-    )
+    model, tokenizer = load_classifier(config.model, num_labels=train.num_labels, **config.lora_options())
     data = {**config.data_spec(), "label_names": train.label_names, "sizes": {k: len(v) for k, v in splits.items()}}
     return {
         "model": model,
@@ -328,16 +330,7 @@ def _causal_setup(config: TrainConfig) -> dict[str, Any]:
     from flatlora.experiment_lm import causal_metrics, data_sizes, encode_splits, prepare_causal_data, token_nll
 
     splits = prepare_causal_data(config)
-    model, tokenizer = load_causal_lm(
-        config.model,
-        gguf_file=config.gguf_file,
-        r=config.r,
-        alpha=config.alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=config.target_modules,
-        use_rslora=config.rslora,
-        seed=config.seed,
-    )
+    model, tokenizer = load_causal_lm(config.model, gguf_file=config.gguf_file, **config.lora_options())
     encoded = encode_splits(config, splits, tokenizer)
     from flatlora.data.lm_encode import uses_chat_template
 

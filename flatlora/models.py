@@ -213,9 +213,7 @@ def load_classifier(
     says otherwise; the classification head is trained in full (peft's SEQ_CLS task). The
     head's initialisation is drawn after ``torch.manual_seed(seed)``.
     """
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.pytorch_utils import Conv1D
 
     path = resolve_model_path(model)
     try:
@@ -232,7 +230,37 @@ def load_classifier(
     # peft records the base's name_or_path in adapter_config.json: the hub id, not the bundled
     # copy's absolute path inside this virtualenv, so the adapter loads on any machine.
     base.name_or_path = base.config._name_or_path = canonical_model_id(model)
+    lora = dict(r=r, alpha=alpha, lora_dropout=lora_dropout, target_modules=target_modules, use_rslora=use_rslora)
+    return wrap_lora(base, "SEQ_CLS", name=model or DEFAULT_MODEL, **lora), tokenizer
+
+
+def wrap_lora(
+    base: torch.nn.Module,
+    task_type: str,
+    *,
+    name: str,
+    r: int,
+    alpha: float,
+    lora_dropout: float,
+    target_modules: list[str] | None,
+    use_rslora: bool,
+) -> torch.nn.Module:
+    """``base`` in peft LoRA on ``target_modules`` (default: the query/value projections); Conv1D gets fan_in_fan_out.
+
+    Raises:
+        FlatLoraError: a target module name the model does not have (the message lists some it has).
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
     targets = target_modules or default_lora_targets(base)
+    leaves = {module.rsplit(".", 1)[-1] for module, _ in base.named_modules()}
+    missing = [t for t in targets if t not in leaves]
+    if missing:
+        some = ", ".join(sorted(n for n in leaves if n and not n.isdigit())[:12])
+        raise FlatLoraError(
+            f"no module named {', '.join(missing)} in {name}: pass --target-modules from its module names ({some}, ...)"
+        )
     conv1d = any(isinstance(m, Conv1D) for n, m in base.named_modules() if n.rsplit(".", 1)[-1] in targets)
     config = LoraConfig(
         r=r,
@@ -240,10 +268,10 @@ def load_classifier(
         lora_dropout=lora_dropout,
         target_modules=targets,
         use_rslora=use_rslora,
-        task_type="SEQ_CLS",
+        task_type=task_type,
         fan_in_fan_out=conv1d,
     )
-    return get_peft_model(base, config), tokenizer
+    return get_peft_model(base, config)
 
 
 def _set_pad_token(base: torch.nn.Module, tokenizer: Any) -> None:

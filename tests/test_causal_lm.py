@@ -185,6 +185,7 @@ def test_gpt2_conv1d_trains_with_eflat_lora_and_resumes(tmp_path, tiny_gpt2_dir,
         (["--generate", "-1"], "--generate must be"),
         (["--max-length", "4"], "cannot fit --max-length 4"),
         (["--gguf-file", "missing.gguf"], "GGUF file missing.gguf not found"),
+        (["--target-modules", "nosuchmodule"], "no module named nosuchmodule.*--target-modules"),
         (["--label-column", "target"], "no text column"),  # a label column means classification
     ],
 )
@@ -211,4 +212,8 @@ def test_classification_data_and_options_are_refused_for_the_other_task(tmp_path
     assert "--generate apply to causal-LM runs only" in capsys.readouterr().err
     assert cli.main(["train", "--task", "causal-lm", "--data", "tweets", *common]) == 2
     assert "classification data set" in capsys.readouterr().err
+    assert (
+        cli.main(["train", "--data", str(csv_file), "--shots", "4", "--target-modules", "nosuchmodule", *common]) == 2
+    )
+    assert "no module named nosuchmodule" in capsys.readouterr().err
     assert snapshot(out) == {}

@@ -186,6 +186,7 @@ def ema_error_at_checkpoint(
             "beta": h.get("beta"),
             "norm": h.get("norm", "global"),
             "n_examples": probe.n_examples,
+            **probe.weighting_settings(),
         },
         meta={"eps_b_norm": n_eps, "ema_norm": n_ema, "eval_mode": True},
     )

@@ -3,6 +3,9 @@
 The loss over a probe set is the mean over its examples: a batch whose loss is a mean over
 its n_b examples enters with weight n_b / N, so an uneven last batch does not bias it. A
 custom ``loss_fn(outputs, batch)`` may return that mean (scalar) or one loss per example.
+A causal-LM probe set (``weighting="tokens"``) is the mean over every scored token instead: the
+model's loss of a batch is the mean over its t_b target tokens and enters with weight t_b / T,
+so batches of uneven rows and lengths do not bias it either.
 """
 
 from __future__ import annotations
@@ -20,6 +23,15 @@ from flatlora.errors import FlatLoraError
 Batch = dict[str, Any]
 LossFn = Callable[[Any, Batch], torch.Tensor]
 SPLITS = ("train", "dev", "test")
+WEIGHTINGS = ("examples", "tokens")
+
+
+def scored_tokens(batch: Batch) -> int:
+    """Target tokens a causal LM's loss averages over: labels after the shift that are not -100."""
+    labels = batch.get("labels")
+    if not (torch.is_tensor(labels) and labels.dim() == 2):
+        raise FlatLoraError("token weighting needs 2-D 'labels' (causal-LM batches): use weighting='examples'")
+    return int((labels[:, 1:] != -100).sum())
 
 
 def batch_size_of(batch: Batch) -> int:
@@ -42,11 +54,14 @@ class ProbeSet:
         loss_fn: ``loss_fn(outputs, batch)`` -> mean loss (scalar) or per-example losses (vector);
             None takes ``outputs.loss`` (the model's mean loss from ``labels``).
         description: where the batches came from (run, split, n, batch size), for reports.
+        weighting: ``"examples"`` (each batch by its rows) or ``"tokens"`` (causal LMs: by its
+            scored target tokens; ``loss_fn`` must then return the batch's token-mean loss).
     """
 
     batches: tuple[Batch, ...]
     loss_fn: LossFn | None = None
     description: dict[str, Any] = field(default_factory=dict)
+    weighting: str = "examples"
 
     def __post_init__(self) -> None:
         if not self.batches:
@@ -59,12 +74,20 @@ class ProbeSet:
             if self.loss_fn is None and "labels" not in batch:
                 raise FlatLoraError("probe batches need 'labels' for the model's loss, or pass loss_fn=")
             batch_size_of(batch)
+        if self.weighting not in WEIGHTINGS:
+            raise FlatLoraError(f"unknown weighting {self.weighting!r}: use examples or tokens")
+        if self.weighting == "tokens" and self.n_tokens == 0:
+            raise FlatLoraError("the probe set has no scored token (every label is -100): pass batches with targets")
 
     # -- construction ------------------------------------------------------------------------
 
     @classmethod
     def from_batches(
-        cls, batches: Iterable[Batch], loss_fn: LossFn | None = None, description: dict[str, Any] | None = None
+        cls,
+        batches: Iterable[Batch],
+        loss_fn: LossFn | None = None,
+        description: dict[str, Any] | None = None,
+        weighting: str = "examples",
     ) -> ProbeSet:
         """A probe set of the given dict batches (a list, a DataLoader, ...), read once.
 
@@ -73,7 +96,7 @@ class ProbeSet:
         """
         batches = tuple(dict(b) for b in batches)
         desc = {"source": "batches", **(description or {})}
-        return cls(batches, loss_fn, desc)
+        return cls(batches, loss_fn, desc, weighting)
 
     @classmethod
     def from_dataset(
@@ -84,6 +107,7 @@ class ProbeSet:
         n: int | None = None,
         batch_size: int = 32,
         description: dict[str, Any] | None = None,
+        weighting: str = "examples",
     ) -> ProbeSet:
         """The first ``n`` examples of ``dataset`` (all by default), batched by ``collate_fn``."""
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
@@ -96,7 +120,7 @@ class ProbeSet:
         examples = [dataset[i] for i in range(count)]
         batches = [collate_fn(examples[i : i + batch_size]) for i in range(0, count, batch_size)]
         desc = {"n": count, "batch_size": batch_size, **(description or {})}
-        return cls.from_batches(batches, description=desc)
+        return cls.from_batches(batches, description=desc, weighting=weighting)
 
     @classmethod
     def from_data(
@@ -113,8 +137,25 @@ class ProbeSet:
         test_cap: int | None = 1000,
         text_column: str | None = None,
         label_column: str | None = None,
+        task: str = "classification",
+        prompt_column: str | None = None,
+        target_column: str | None = None,
+        chat_template: bool = True,
     ) -> ProbeSet:
-        """A probe set from a data spec (as ``flatlora train --data`` takes) and a tokenizer."""
+        """A probe set from a data spec (as ``flatlora train --data`` takes) and a tokenizer.
+
+        ``task="causal-lm"`` builds the batches training builds (prompt and padding -100 in
+        ``labels``, EOS after each target, the chat template unless ``chat_template=False``), its
+        loss the mean over every target token of the probe set; ``n`` counts (prompt, target) pairs.
+        """
+        if task == "causal-lm":
+            return cls._from_causal_data(
+                data, tokenizer, split=split, n=n, batch_size=batch_size, max_length=max_length, shots=shots,
+                seed=seed, test_cap=test_cap, prompt_column=prompt_column, target_column=target_column,
+                text_column=text_column, chat_template=chat_template,
+            )  # fmt: skip
+        if task != "classification":
+            raise FlatLoraError(f"unknown task {task!r}: use classification or causal-lm")
         from flatlora.data import TextClassificationCollator, cap_test, load_data, make_few_shot
 
         columns = {k: v for k, v in (("text_column", text_column), ("label_column", label_column)) if v is not None}
@@ -133,6 +174,23 @@ class ProbeSet:
             batch_size=batch_size,
             description=desc,
         )
+
+    @classmethod
+    def _from_causal_data(cls, data, tokenizer, *, split, n, batch_size, max_length, shots, seed, test_cap,
+                          prompt_column, target_column, text_column, chat_template) -> ProbeSet:  # fmt: skip
+        from flatlora.data.causal import load_causal_data, make_causal_splits
+        from flatlora.data.lm_encode import CausalLMCollator, encode_dataset
+
+        splits = load_causal_data(data, prompt_column, target_column, text_column)
+        splits = make_causal_splits(splits, shots, seed, test_cap)
+        if split not in splits:
+            raise FlatLoraError(f"data {str(data)!r} has no {split!r} split (it has {', '.join(splits)}): pass --split")
+        encoded = encode_dataset(splits[split], tokenizer, max_length, chat_template=chat_template, split=split)
+        desc = {"source": "data", "data": str(data), "split": split, "shots": shots, "seed": seed, "task": "causal-lm"}
+        return cls.from_dataset(
+            encoded, CausalLMCollator(tokenizer.pad_token_id), n=n, batch_size=batch_size, description=desc,
+            weighting="tokens",
+        )  # fmt: skip
 
     @classmethod
     def from_run(
@@ -155,6 +213,18 @@ class ProbeSet:
         data = run.info.get("data") or {}
         if not data.get("spec"):
             raise FlatLoraError(f"{run.path}/run.json names no data spec: pass batches with ProbeSet.from_batches")
+        if run.info.get("task") == "causal-lm":
+            from flatlora.causal_lm import load_causal_tokenizer
+
+            tokenizer = load_causal_tokenizer(run.info.get("model"), run.hparams.get("gguf_file"))
+            probe = cls.from_data(
+                data["spec"], tokenizer, split=split, n=n, batch_size=batch_size, task="causal-lm",
+                max_length=int(run.hparams.get("max_length", 128)), shots=data.get("shots"),
+                seed=int(data.get("seed", 13)), test_cap=data.get("test_cap"), text_column=data.get("text_column"),
+                prompt_column=data.get("prompt_column"), target_column=data.get("target_column"),
+                chat_template=bool(run.hparams.get("chat_template", True)),
+            )  # fmt: skip
+            return cls(probe.batches, None, {**probe.description, "source": "run", "run": str(run.path)}, "tokens")
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(run.info.get("model")))
@@ -185,10 +255,27 @@ class ProbeSet:
     def n_examples(self) -> int:
         return sum(self.batch_sizes)
 
+    @property
+    def n_tokens(self) -> int:
+        """Scored target tokens over the probe set (causal-LM batches; 0 where labels are not 2-D)."""
+        return sum(
+            scored_tokens(b) for b in self.batches if torch.is_tensor(b.get("labels")) and b["labels"].dim() == 2
+        )
+
+    def batch_weight(self, batch: Batch) -> float:
+        """This batch's weight in the probe-set mean: n_b / N, or t_b / T under token weighting."""
+        if self.weighting == "tokens":
+            return scored_tokens(batch) / self.n_tokens
+        return batch_size_of(batch) / self.n_examples
+
+    def weighting_settings(self) -> dict[str, Any]:
+        """What a result records of the weighting: nothing for examples (the default), else the token count."""
+        return {} if self.weighting == "examples" else {"weighting": "tokens", "n_tokens": self.n_tokens}
+
     def to(self, device: str | torch.device) -> ProbeSet:
         """The same probe set with every tensor on ``device``."""
         moved = tuple({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in self.batches)
-        return ProbeSet(moved, self.loss_fn, self.description)
+        return ProbeSet(moved, self.loss_fn, self.description, self.weighting)
 
     def weighted_loss(self, outputs: Any, batch: Batch) -> torch.Tensor:
         """This batch's share of the probe-set mean loss: mean_b * n_b / N (or sum of per-example / N)."""
@@ -199,12 +286,16 @@ class ProbeSet:
         else:
             loss = self.loss_fn(outputs, batch)
         if loss.dim() == 0:
-            return loss * (batch_size_of(batch) / self.n_examples)
+            return loss * self.batch_weight(batch)
+        if self.weighting == "tokens":
+            raise FlatLoraError("under token weighting loss_fn must return the batch's token-mean loss (a scalar)")
         return loss.sum() / self.n_examples
 
     def fingerprint(self) -> str:
         """A content hash of the batches (tensors' bytes and dtypes), for caches."""
         h = hashlib.sha256()
+        if self.weighting != "examples":  # example-weighted fingerprints stay what they were
+            h.update(f"weighting={self.weighting}".encode())
         for batch in self.batches:
             for key in sorted(batch):
                 value = batch[key]

@@ -282,6 +282,7 @@ def sharpness(
         "adaptive": adaptive,
         "eta": eta if adaptive else None,
         "n_examples": probe.n_examples,
+        **probe.weighting_settings(),
         "seed": seed,
     }
     settings.update({"norm": norm, "steps": steps, "restarts": restarts} if kind == "worst" else {})

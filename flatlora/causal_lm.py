@@ -180,6 +180,25 @@ def save_tiny_causal_lm(folder, *, arch: str = "llama", seed: int = 0, tokenizer
     return str(folder)
 
 
+def load_causal_tokenizer(model: str | None, gguf_file: str | None = None) -> Any:
+    """The tokenizer of a causal LM (the default's from its GGUF file), with a pad token, without its weights."""
+    from transformers import AutoTokenizer
+
+    path, gguf = resolve_causal_lm(model, gguf_file)
+    if gguf:
+        _require_gguf()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise FlatLoraError(
+            f"cannot load the tokenizer of {model or DEFAULT_LLM_ID!r} ({first}): pass --base-model"
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_base_causal_lm_tokenizer() -> tuple[str, Any]:
     """The default LLM's tokenizer alone (a few seconds, no weights), with its folder."""
     from transformers import AutoTokenizer

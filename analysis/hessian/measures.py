@@ -186,6 +186,7 @@ def top_eigenvalues(
         "max_iter": max_iter,
         "seed": seed,
         "n_examples": probe.n_examples,
+        **probe.weighting_settings(),
     }
     if backend == "pyhessian":
         from analysis.hessian.pyhessian_backend import pyhessian_eigenvalues
@@ -246,6 +247,7 @@ def hessian_trace(
         "backend": backend,
         "seed": seed,
         "n_examples": probe.n_examples,
+        **probe.weighting_settings(),
     }
     if backend == "pyhessian":
         from analysis.hessian.pyhessian_backend import pyhessian_trace
@@ -292,6 +294,7 @@ def spectral_density(
         "points": points,
         "seed": seed,
         "n_examples": probe.n_examples,
+        **probe.weighting_settings(),
         "backend": backend,
     }
     with hessian_operator(model, probe, space, hvp=hvp, device=device) as op:
@@ -340,6 +343,7 @@ def layer_curvature(
         "max_iter": max_iter,
         "seed": seed,
         "n_examples": probe.n_examples,
+        **probe.weighting_settings(),
     }
     with measuring(model, device) as dev:
         full = build_space(model, space)

@@ -95,7 +95,7 @@ def _criterion(probe: ProbeSet):
     def criterion(outputs, targets):
         out, batch = outputs
         # PyHessian weights batches by size over a dataloader: hand it each batch's mean loss.
-        return probe.weighted_loss(out, batch) * (probe.n_examples / batch_size_of(batch))
+        return probe.weighted_loss(out, batch) / probe.batch_weight(batch)
 
     return criterion
 

@@ -173,6 +173,7 @@ def landscape_1d(
         "seed": seed,
         "filter_normalize": filter_normalize,
         "n_examples": probe.n_examples,
+        **probe.weighting_settings(),
         "direction": "given" if direction is not None else "gaussian",
     }
     return LandscapeResult("1d", x, z, clean, settings=settings, meta=_meta(axes, start, len(x)))
@@ -233,6 +234,7 @@ def landscape_2d(
         "space": space,
         "seed": seed,
         "n_examples": probe.n_examples,
+        **probe.weighting_settings(),
         "filter_normalize": filter_normalize if pca is None else None,
         "plane": "pca" if pca is not None else "gaussian",
         "pca_run": None if pca is None else str(pca),
@@ -288,5 +290,6 @@ def interpolate(
         "other": None if other is None else str(other),
         "from": "base model" if other is None else "this adapter",
         "n_examples": probe.n_examples,
+        **probe.weighting_settings(),
     }
     return LandscapeResult("interpolation", t, z, clean, settings=settings, meta=_meta(axes, start, len(t)))

@@ -81,16 +81,14 @@ def load_base_causal_lm(
     ``model`` is an HF hub id, a local folder, or None for the bundled SmolLM2-135M-Instruct;
     GGUF checkpoints are dequantized to ``dtype`` (float32 by default).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     path, gguf = resolve_causal_lm(model, gguf_file)
     options: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
-    if gguf:
-        _require_gguf()
+    tokenizer = load_causal_tokenizer(model, gguf_file)
     hf_logging.disable_progress_bar()  # the GGUF conversion's bar
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **options)
         base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or (torch.float32 if gguf else None), **options)
     except (OSError, ValueError, KeyError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -157,7 +155,7 @@ def save_tiny_causal_lm(folder, *, arch: str = "llama", seed: int = 0, tokenizer
     import transformers as tf
 
     if tokenizer is None:
-        _, tokenizer = load_base_causal_lm_tokenizer()
+        tokenizer = load_causal_tokenizer(None)
     vocab = len(tokenizer)
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     if arch == "llama":
@@ -192,17 +190,9 @@ def load_causal_tokenizer(model: str | None, gguf_file: str | None = None) -> An
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise FlatLoraError(
-            f"cannot load the tokenizer of {model or DEFAULT_LLM_ID!r} ({first}): pass --base-model"
+            f"cannot load the tokenizer of {model or DEFAULT_LLM_ID!r} ({first}): pass an HF causal LM id "
+            "or a folder that holds a tokenizer"
         ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def load_base_causal_lm_tokenizer() -> tuple[str, Any]:
-    """The default LLM's tokenizer alone (a few seconds, no weights), with its folder."""
-    from transformers import AutoTokenizer
-
-    folder = default_llm_folder()
-    _require_gguf()
-    return str(folder), AutoTokenizer.from_pretrained(str(folder), gguf_file=DEFAULT_LLM_GGUF)

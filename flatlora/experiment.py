@@ -326,14 +326,12 @@ def _classification_setup(config: TrainConfig) -> dict[str, Any]:
 
 def _causal_setup(config: TrainConfig) -> dict[str, Any]:
     from flatlora.causal_lm import DEFAULT_LLM_WEIGHTS, canonical_llm_id, is_default_llm, load_causal_lm
-    from flatlora.data.lm_encode import CausalLMCollator
+    from flatlora.data.lm_encode import CausalLMCollator, uses_chat_template
     from flatlora.experiment_lm import causal_metrics, data_sizes, encode_splits, prepare_causal_data, token_nll
 
     splits = prepare_causal_data(config)
     model, tokenizer = load_causal_lm(config.model, gguf_file=config.gguf_file, **config.lora_options())
     encoded = encode_splits(config, splits, tokenizer)
-    from flatlora.data.lm_encode import uses_chat_template
-
     data = {**config.data_spec(), "sizes": data_sizes(splits, encoded)}
     default = is_default_llm(config.model) and config.gguf_file is None
     extra = {

@@ -21,10 +21,10 @@ from flatlora.log_keys import GENERATION_METRICS, final_key
 GENERATIONS_FILE = "generations.jsonl"
 CAUSAL_ONLY = ("prompt_column", "target_column", "gguf_file", "chat_template")
 """TrainConfig fields that mean something for causal LMs only (absent from a classifier's identity)."""
-GENERATION_FIELDS = ("generate", "decoding", "num_beams", "max_new_tokens")
 DEFAULT_CAUSAL_TEST_CAP = 50
 """Test prompts (E2E: MRs, each with all its references) when --test-cap is not given."""
 DEFAULT_CLASSIFICATION_TEST_CAP = 1000
+DEFAULT_CLASSIFICATION_EVAL_BATCH = 64
 DEFAULT_CAUSAL_EVAL_BATCH = 8
 """Evaluation batch of a causal LM: B x T x V logits of 8 rows stay in cache (3.5x the examples/s of 64 here)."""
 
@@ -81,10 +81,15 @@ def resolve_task(config):
         )
         raise FlatLoraError(f"--data {config.data} is {what}, not {task} data: {fix}")
     if task == CLASSIFICATION:
-        set_options = [f for f in (*CAUSAL_ONLY, "generate") if getattr(config, f) not in (None, False, 0)]
-        set_options = [f for f in set_options if not (f == "chat_template" and config.chat_template is True)]
-        if set_options:
-            flags = ", ".join("--" + f.replace("_", "-") for f in set_options)
+        given = {
+            "--prompt-column": config.prompt_column is not None,
+            "--target-column": config.target_column is not None,
+            "--gguf-file": config.gguf_file is not None,
+            "--no-chat-template": not config.chat_template,
+            "--generate": bool(config.generate),
+        }
+        flags = ", ".join(flag for flag, set_ in given.items() if set_)
+        if flags:
             raise FlatLoraError(f"{flags} apply to causal-LM runs only: drop them, or pass --task causal-lm")
     cap = config.test_cap
     if cap == "auto":
@@ -93,7 +98,9 @@ def resolve_task(config):
         if not (isinstance(config.generate, int) and config.generate >= 0):
             raise FlatLoraError(f"--generate must be a whole number >= 0 (0: off), got {config.generate!r}")
         generation_settings(config)  # beam settings out of range are refused before anything runs
-    eval_batch = config.eval_batch_size or (DEFAULT_CAUSAL_EVAL_BATCH if task == CAUSAL_LM else 64)
+    eval_batch = config.eval_batch_size or (
+        DEFAULT_CAUSAL_EVAL_BATCH if task == CAUSAL_LM else DEFAULT_CLASSIFICATION_EVAL_BATCH
+    )
     return dataclasses.replace(config, task=task, test_cap=cap, eval_batch_size=eval_batch)
 
 

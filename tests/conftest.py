@@ -66,9 +66,9 @@ def csv_file(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def llm_tokenizer():
-    from flatlora.causal_lm import load_base_causal_lm_tokenizer
+    from flatlora.causal_lm import load_causal_tokenizer
 
-    return load_base_causal_lm_tokenizer()[1]
+    return load_causal_tokenizer(None)
 
 
 @pytest.fixture(scope="session")

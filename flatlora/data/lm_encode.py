@@ -9,7 +9,7 @@ generation prompt of the assistant turn, which is what generation sends too.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from flatlora.data.causal import CausalLMDataset
@@ -55,7 +55,6 @@ class EncodedLM:
     rows: list[dict[str, list[int]]]
     name: str
     truncated_prompts: int = 0
-    source: CausalLMDataset | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -99,7 +98,7 @@ def encode_dataset(
             f"--max-length {max_length} (the longest needs {max(too_long)} tokens with EOS): "
             f"pass --max-length {max(too_long)} or more, or drop those rows"
         )
-    return EncodedLM(rows, dataset.name, truncated, dataset)
+    return EncodedLM(rows, dataset.name, truncated)
 
 
 @dataclass

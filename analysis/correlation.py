@@ -1,7 +1,8 @@
 """Does sharpness explain generalization across runs? Kendall, Spearman and the granulated Kendall coefficient.
 
 Across a population of runs (methods x rho x lr x seed), each measure (a sharpness figure,
-lambda_max, the trace, ...) against test accuracy, test loss and the gap test - train loss:
+lambda_max, the trace, ...) against test accuracy, test loss and the gap test - train loss, and
+for causal LMs against test perplexity and BLEU:
 
 - Kendall's tau-b (``scipy.stats.kendalltau``) and Spearman's rho (``scipy.stats.spearmanr``);
 - the granulated Kendall coefficient Psi of Jiang et al. 2020 ("Fantastic generalization
@@ -27,7 +28,7 @@ from analysis.results import Result
 from flatlora.errors import FlatLoraError
 
 AXES = ("method", "rho_train", "lr", "seed")
-TARGETS = ("test_accuracy", "test_loss", "gap")
+TARGETS = ("test_accuracy", "test_loss", "gap", "test_perplexity", "test_bleu")
 MEASURE_PREFIXES = ("sharpness_", "lambda_max", "trace", "balancedness")
 
 

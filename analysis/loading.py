@@ -63,6 +63,9 @@ def resolve_targets(paths: list[str | Path]) -> list[Target]:
         if (path / RUN_JSON).is_file():
             targets.append(_run_target(path))
         elif (path / "adapter_config.json").is_file():
+            from analysis.probe_data import read_adapter_config
+
+            read_adapter_config(path)  # a damaged or non-LoRA adapter is refused here, in one line
             targets.append(Target("adapter", path, path))
         elif path.is_dir():
             runs = list_runs(path)

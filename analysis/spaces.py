@@ -128,8 +128,8 @@ def build_space(model: nn.Module, name: str = "lora", *, adapter: str | None = N
     """The space ``name`` of ``model`` (a peft LoRA model; ``all`` takes any model).
 
     Raises:
-        FlatLoraError: an unknown space, a model without LoRA, a merged adapter, or DoRA in
-            the merged space (there W is not W0 + s B A).
+        FlatLoraError: an unknown space, a model without LoRA, a merged adapter, or DoRA or a
+            quantized base in the merged space (there W is not W0 + s B A, or W0 is not a float tensor).
     """
     if name not in SPACES:
         raise FlatLoraError(f"unknown space {name!r}: use one of {', '.join(SPACES)}")
@@ -152,6 +152,14 @@ def build_space(model: nn.Module, name: str = "lora", *, adapter: str | None = N
                 entries.append(SpaceEntry(names[id(t)], group, role, t.detach(), t.detach()))
         return Space(name, entries)
     require_plain_lora(pairs, "the merged space")
+    for pair in pairs:  # W0 + D needs float W0: a 4/8-bit base layer stores packed integers
+        w0 = getattr(pair.layer.get_base_layer(), "weight", None)
+        if not (isinstance(w0, torch.Tensor) and w0.is_floating_point()):
+            raise FlatLoraError(
+                f"the merged space needs float base weights but {pair.name} sits on a quantized layer "
+                f"({type(pair.layer.get_base_layer()).__name__}, {getattr(w0, 'dtype', None)}): "
+                "measure in the lora or b space (--space lora --eig-space lora)"
+            )
     seen: dict[int, int] = {}
     with torch.no_grad():
         for pair in pairs:

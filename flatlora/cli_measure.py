@@ -111,7 +111,7 @@ def _report(args: argparse.Namespace) -> int:
             args.out,
             settings,
             base_model=args.base_model,
-            data=args.data,
+            data=probe_data(args),
             shard=shard,
             device=args.device,
             progress=bars,
@@ -132,7 +132,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
     keep = (
-        ["name", "method", "test_accuracy", "gap"]
+        ["name", "method", "test_accuracy", "test_perplexity", "test_bleu", "probe_perplexity", "gap"]
         + [k for k in rows[0] if k.startswith("sharpness_")]
         + ["lambda_max", "trace", "balancedness"]
     )
@@ -164,37 +164,54 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def probe_data(args: argparse.Namespace):
+    """The ``--data`` options of report/landscape as an :class:`analysis.probe_data.ProbeData`."""
+    from analysis.probe_data import ProbeData
+
+    return ProbeData(
+        spec=args.data,
+        task=args.task,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        prompt_column=args.prompt_column,
+        target_column=args.target_column,
+        chat_template=args.chat_template,
+        max_length=args.max_length,
+    )
+
+
 def _landscape(args: argparse.Namespace) -> int:
     import os
 
     from analysis.landscape import cached_landscape, interpolate, landscape_1d, landscape_2d, symmetric_grid
     from analysis.landscape.store import landscape_key, landscape_settings
-    from analysis.loading import Target, load_model
-    from analysis.probe import ProbeSet
-    from flatlora.runs import load_run
+    from analysis.loading import load_model
+    from analysis.probe_data import build_target_probe, check_vocabulary
 
     quiet_transformers()
-    run = load_run(args.run)
-    if run.adapter_path is None:
-        raise FlatLoraError(f"run {run.path} has no saved adapter (status {run.status!r}): let it finish first")
+    data = probe_data(args)
+    [target] = _one_target(args.run, "landscape")
     symmetric_grid(args.steps, args.span if args.span is not None else 1.0)
     other = None
     if args.between is not None:
-        from analysis.loading import resolve_targets
-
-        [target] = resolve_targets([args.between])
-        other = target.adapter
+        other = _one_target(args.between, "--between")[0].adapter
     kind = "interpolation" if (args.between or args.from_base) else "pca" if args.pca else "2d" if args.two_d else "1d"
     if args.pca:
         from analysis.landscape.directions import trajectory_folders
 
-        trajectory_folders(run.path)
-    model, _ = load_model(Target("run", run.path, run.adapter_path), device=args.device)
+        if target.kind != "run":
+            raise FlatLoraError(f"--pca needs a run's saved trajectory, and {target.path} is a bare adapter")
+        trajectory_folders(target.path)
+    folder = Path(args.out) if args.out else target.path / "analysis"
+    if folder.exists() and not folder.is_dir():
+        raise FlatLoraError(f"--out {folder} is a file: choose a folder for the landscape")
+    model, tokenizer = load_model(target, args.base_model, device=args.device)
     if other is not None:
         from analysis.landscape.directions import adapter_tensors
 
         adapter_tensors(model, other)  # refuses an adapter of another base model before any work
-    probe = ProbeSet.from_run(run, args.split, n=args.n, batch_size=args.batch_size)
+    probe = build_target_probe(target, data, tokenizer, split=args.split, n=args.n, batch_size=args.batch_size)
+    check_vocabulary(target, model, probe)
     _init_distributed()
     rank = int(os.environ.get("RANK", "0"))
     bars = ProgressBars(args.progress and rank == 0)
@@ -207,8 +224,10 @@ def _landscape(args: argparse.Namespace) -> int:
         split=args.split,
         n=args.n,
         batch_size=args.batch_size,
+        data=data.spec,
+        data_options=data.options(),
     )
-    progress = bars(f"{run.path.name}: {kind} landscape")
+    progress = bars(f"{target.name}: {kind} landscape")
 
     def compute():
         if kind == "1d":
@@ -229,22 +248,33 @@ def _landscape(args: argparse.Namespace) -> int:
                 span=args.span,
                 space=args.space,
                 seed=args.seed,
-                pca=run.path if args.pca else None,
+                pca=target.path if args.pca else None,
                 progress=progress,
             )
         return interpolate(model, probe, other, steps=args.steps, progress=progress)
 
-    folder = run.path / "analysis"
     result, reused = cached_landscape(
-        folder, landscape_key(run.adapter_path, kind, settings, other), compute, write=rank == 0
+        folder, landscape_key(target.adapter, kind, settings, other), compute, write=rank == 0
     )
     if rank == 0:
         z = result.z
         print(
-            f"{run.path}: {kind} landscape {'reused' if reused else 'computed'} ({z.size} points): clean loss "
+            f"{target.path}: {kind} landscape {'reused' if reused else 'computed'} ({z.size} points): clean loss "
             f"{result.clean_loss:.4f}, min {z.min():.4f}, max {z.max():.4f}; saved in {folder}"
         )
     return 0
+
+
+def _one_target(path: str, what: str):
+    """The single run or adapter ``path`` names (a folder of several runs is refused)."""
+    from analysis.loading import resolve_targets
+
+    targets = resolve_targets([path])
+    if len(targets) != 1:
+        raise FlatLoraError(
+            f"{what} takes one run directory or adapter folder, and {path} holds {len(targets)} runs: name one of them"
+        )
+    return targets
 
 
 def app_command(runs: str, port: int, host: str) -> list[str]:
@@ -288,6 +318,32 @@ def _app(args: argparse.Namespace) -> int:
         return 0
 
 
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    """--base-model, --data, --task and the column options, as ``train`` has them."""
+    group = parser.add_argument_group("what bare adapters are measured on")
+    group.add_argument("--base-model", help="base model of bare adapters (HF id or folder; default: the adapter's)")
+    group.add_argument(
+        "--data", help="data to measure on (as train --data: a name, folder or CSV/TSV/JSONL); default: the run's own"
+    )
+    group.add_argument(
+        "--task",
+        choices=("classification", "causal-lm"),
+        default=None,
+        help="override the task of bare adapters (default: adapter_config.json's task_type; a run's own)",
+    )
+    group.add_argument("--text-column", help="column of the text (classification; plain-text causal LM)")
+    group.add_argument("--label-column", help="column of the label (classification)")
+    group.add_argument("--prompt-column", help="column of the prompt (causal-lm)")
+    group.add_argument("--target-column", help="column of the target (causal-lm)")
+    group.add_argument(
+        "--no-chat-template",
+        dest="chat_template",
+        action="store_false",
+        help="causal-lm: do not wrap prompts in the tokenizer's chat template",
+    )
+    group.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the run's, else 128)")
+
+
 def add_measure_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``report``, ``landscape`` and ``app`` on the CLI's subcommands."""
     app = sub.add_parser(
@@ -307,7 +363,7 @@ def add_measure_commands(sub: argparse._SubParsersAction) -> None:
         "and save it (NPZ + JSON) in RUN/analysis/, where a later call with the same settings reuses it. Under "
         "torchrun each rank evaluates its share of the grid and rank 0 writes.",
     )
-    land.add_argument("run", help="run directory")
+    land.add_argument("run", help="run directory, or a peft LoRA adapter folder (with --data)")
     shape = land.add_mutually_exclusive_group()
     shape.add_argument("--2d", dest="two_d", action="store_true", help="a plane of two random directions")
     shape.add_argument("--pca", action="store_true", help="the plane of the first two PCs of the saved trajectory")
@@ -320,6 +376,8 @@ def add_measure_commands(sub: argparse._SubParsersAction) -> None:
     land.add_argument("--split", default="train", choices=["train", "dev", "test"], help="probe split")
     land.add_argument("--examples", dest="n", type=_optional_n, default=64, help="probe examples (default 64; 'all')")
     land.add_argument("--batch-size", type=int, default=32, help="probe batch size")
+    land.add_argument("--out", help="folder of the saved landscapes (default: RUN/analysis or ADAPTER/analysis)")
+    _add_data_options(land)
     land.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     land.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     land.set_defaults(func=_landscape)
@@ -334,8 +392,7 @@ def add_measure_commands(sub: argparse._SubParsersAction) -> None:
     )
     report.add_argument("paths", nargs="*", help="run directories, adapter folders, or folders of runs")
     report.add_argument("--out", required=True, help="report folder")
-    report.add_argument("--base-model", help="base model of bare adapters (HF id or folder; default: the adapter's)")
-    report.add_argument("--data", help="data to measure on (as train --data); default: each run's own data")
+    _add_data_options(report)
     size = report.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="the quick preset (README: costs)")
     size.add_argument("--full", action="store_true", help="the full preset: + spectral density and per-layer curvature")

@@ -62,11 +62,16 @@ def landscape_settings(
     n: int | None = 64,
     batch_size: int = 32,
     data: str | None = None,
+    data_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The settings that name a saved landscape (the CLI, the report and the app use the same)."""
+    """The settings that name a saved landscape (the CLI, the report and the app use the same).
+
+    ``data_options`` are the column/task options of ``--data`` set away from their defaults.
+    """
     out = {"steps": steps, "span": span, "space": space, "seed": seed, "split": split, "n": n, "batch_size": batch_size}
     if data is not None:
         out["data"] = str(data)
+        out.update(data_options or {})
     return out
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis.loading import Target, resolve_targets
+from analysis.probe_data import ProbeData
 from analysis.report.measure import Cache, ProgressFactory, build_probe, measure_target
 from analysis.report.settings import ReportSettings
 from flatlora.errors import FlatLoraError
@@ -44,20 +45,30 @@ def _shard_of(targets: list[Target], shard: tuple[int, int] | None) -> list[Targ
 
 
 def validate_targets(targets: list[Target], settings: ReportSettings, base_model, data, device) -> None:
-    """Load each adapter on its base model and build its probe set once, so bad input fails before any write."""
-    from analysis.loading import load_model
-    from analysis.spaces import build_space
+    """Load each adapter on its base model and build its probe set once, so bad input fails before any write.
 
+    Checked per target: the adapter loads and fits its base model, the data suits its task, the
+    probe's token ids fit the base model's vocabulary, both spaces exist (the merged space needs
+    plain LoRA on a float base), and ``eig_k`` is at most the Hessian space's dimension.
+    """
+    from analysis.loading import load_model
+    from analysis.probe_data import check_vocabulary
+    from analysis.spaces import build_space
+    from flatlora.lora import find_lora_pairs, require_plain_lora
+
+    data = ProbeData.of(data)
     for target in targets:
         model, tokenizer = load_model(target, base_model, device="cpu")
+        build_space(model, settings.space)
         dim = build_space(model, settings.eig_space).dim
+        if "flat-lora" in settings.kinds:
+            require_plain_lora(find_lora_pairs(model), "the flat-lora sharpness kind")
         if settings.eig_k > dim:
             raise FlatLoraError(
                 f"eig_k={settings.eig_k} is larger than the {settings.eig_space} space of "
                 f"{target.path} ({dim} dimensions): ask for at most {dim}"
             )
-        lazy = type("Lazy", (), {"_tokenizer": tokenizer})()
-        build_probe(target, settings, data, base_model, lazy)
+        check_vocabulary(target, model, build_probe(target, settings, data, tokenizer))
         del model
 
 
@@ -71,7 +82,7 @@ def build_report(
     settings: ReportSettings,
     *,
     base_model: str | None = None,
-    data: str | None = None,
+    data: str | ProbeData | None = None,
     shard: tuple[int, int] | None = None,
     device=None,
     progress: ProgressFactory | None = None,
@@ -83,7 +94,8 @@ def build_report(
         paths: run directories, adapter folders, or folders of runs.
         out: the report folder (report.json, .csv, .md, .html, cache/).
         settings: what to measure (:data:`analysis.report.PRESETS`).
-        base_model, data: for bare adapters (and to override a run's data).
+        base_model, data: for bare adapters (and to override a run's data): ``data`` a ``--data``
+            spec or a :class:`analysis.probe_data.ProbeData` (task and column options).
         shard: (i, n) to measure every n-th target only; join with :func:`merge_shards`.
         progress: factory of ``(done, total)`` callbacks per measure, by label.
         targets_progress: wraps the list of targets (tqdm).
@@ -95,6 +107,7 @@ def build_report(
         FlatLoraError: bad paths, adapters, base model, data or settings; nothing is written then.
     """
     targets = resolve_targets(paths)
+    data = ProbeData.of(data)
     rank, world = _world()
     gather = shard is None and world > 1  # under torchrun: every rank takes its share, rank 0 writes
     mine = _shard_of(targets, (rank + 1, world) if gather else shard)
@@ -128,7 +141,8 @@ def build_report(
         "created": _now(),
         "settings": settings.to_dict(),
         "base_model": base_model,
-        "data": data,
+        "data": data.spec,
+        **({"data_options": data.options()} if data.options() else {}),
         "targets": [str(t.path) for t in targets],
         "entries": entries,
     }

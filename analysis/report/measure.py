@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis.loading import Target
+from analysis.probe_data import ProbeData, build_target_probe
 from analysis.report.settings import ReportSettings, cache_key
 from flatlora.errors import FlatLoraError
 
@@ -65,7 +66,7 @@ class _Lazy:
 
     def __init__(self, target: Target, settings: ReportSettings, base_model, data, device) -> None:
         self.target, self.settings, self.base_model, self.data, self.device = target, settings, base_model, data, device
-        self._model = self._probe = None
+        self._model = self._probe = self._tokenizer = None
 
     @property
     def model(self):
@@ -78,45 +79,23 @@ class _Lazy:
     @property
     def probe(self):
         if self._probe is None:
-            self._probe = build_probe(self.target, self.settings, self.data, self.base_model, self)
+            if self.data.spec is not None:
+                self.model  # noqa: B018  (the tokenizer comes with the model)
+            self._probe = build_probe(self.target, self.settings, self.data, self._tokenizer)
         return self._probe
 
 
-def probe_spec(target: Target, settings: ReportSettings, data: str | None) -> dict[str, Any]:
+def probe_spec(target: Target, settings: ReportSettings, data: ProbeData) -> dict[str, Any]:
     """What identifies the probe set of a target, without building it (for cache keys)."""
     run = target.run()
-    source = data if data is not None else (run.info.get("data") if run is not None else None)
-    return {"data": source, **settings.probe_key()}
+    source = data.spec if data.spec is not None else (run.info.get("data") if run is not None else None)
+    return {"data": source, **data.options(), **settings.probe_key()}
 
 
-def build_probe(target: Target, settings: ReportSettings, data: str | None, base_model: str | None, lazy=None):
-    """The probe set: ``data`` if given, else the run's own split."""
-    from analysis.probe import ProbeSet
-
-    run = target.run()
-    if data is None:
-        if run is None:
-            raise FlatLoraError(
-                f"{target.path} is a bare adapter: pass --data (and --base-model if its config "
-                "names none) to say what to measure it on"
-            )
-        return ProbeSet.from_run(run, settings.split, n=settings.n, batch_size=settings.batch_size)
-    tokenizer = getattr(lazy, "_tokenizer", None) if lazy is not None else None
-    if tokenizer is None:
-        from analysis.loading import load_model
-
-        _, tokenizer = load_model(target, base_model, device="cpu")
-    if tokenizer is None:
-        raise FlatLoraError(f"the base model of {target.path} has no tokenizer: pass batches through the Python API")
-    max_length = int(run.hparams.get("max_length", 128)) if run is not None else 128
-    return ProbeSet.from_data(
-        data,
-        tokenizer,
-        split=settings.split,
-        n=settings.n,
-        batch_size=settings.batch_size,
-        max_length=max_length,
-        shots=None,
+def build_probe(target: Target, settings: ReportSettings, data: ProbeData, tokenizer):
+    """The probe set: ``data`` if it names one, else the run's own split."""
+    return build_target_probe(
+        target, data, tokenizer, split=settings.split, n=settings.n, batch_size=settings.batch_size
     )
 
 
@@ -155,14 +134,16 @@ def measure_target(
     cache: Cache,
     *,
     base_model: str | None = None,
-    data: str | None = None,
+    data: str | ProbeData | None = None,
     device=None,
     progress: ProgressFactory | None = None,
 ) -> dict[str, Any]:
-    """The report entry of one adapter: identity, run metrics, and every measure of ``settings``."""
+    """The report entry of one adapter: identity, task, run metrics, and every measure of ``settings``."""
     from analysis import balance, ema_error, hessian
+    from analysis.probe_data import target_task
     from analysis.sharpness import sharpness
 
+    data = ProbeData.of(data)
     run = target.run()
     adapter_hash = target.content_hash()
     entry: dict[str, Any] = {
@@ -171,6 +152,7 @@ def measure_target(
         "path": str(target.path),
         "adapter_hash": adapter_hash,
         "method": run.method if run is not None else None,
+        "task": target_task(target, data),
         "status": run.status if run is not None else None,
         "hparams": run.hparams if run is not None else {},
         "model": (run.info.get("model") if run is not None else None) or base_model,

@@ -15,7 +15,8 @@ from typing import Any
 
 from flatlora.runs import atomic_write_json, atomic_write_text
 
-GENERALIZATION = ("test_accuracy", "test_loss", "gap")
+# A causal-LM run's final test metrics shown beside its measures (perplexity, then the E2E metrics).
+CAUSAL_METRICS = ("test_perplexity", "test_bleu", "test_nist", "test_meteor", "test_rouge_l", "test_cider")
 
 
 def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -34,6 +35,13 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             "test_accuracy": m.get("test_accuracy"),
             "gap": _gap(m),
         }
+        if e.get("task") == "causal-lm":
+            row["task"] = "causal-lm"
+            row.pop("test_accuracy")
+            row.update({k: m.get(k) for k in CAUSAL_METRICS if m.get(k) is not None})
+            clean = next((s["clean_loss"] for s in e.get("sharpness", []) if s.get("clean_loss") is not None), None)
+            if clean is not None:  # the probe's token-mean loss: a bare adapter's only measured fit
+                row["probe_perplexity"] = math.exp(clean) if clean < 700 else math.inf
         for s in e.get("sharpness", []):
             row[f"sharpness_{s['kind']}_rho{s['rho']:g}"] = s["value"]
         hess = e.get("hessian", {})

@@ -96,16 +96,23 @@ class ReportSettings:
     def probe_key(self) -> dict[str, Any]:
         return {"split": self.split, "n": self.n, "batch_size": self.batch_size}
 
-    def landscape_settings(self, data: str | None = None) -> dict[str, Any]:
-        """The settings that name this report's 1-D landscape in a run's analysis/ folder."""
+    def landscape_settings(self, data: Any = None) -> dict[str, Any]:
+        """The settings that name this report's 1-D landscape in a run's analysis/ folder.
+
+        ``data``: None (the run's own data), a ``--data`` spec, or an :class:`analysis.probe_data.ProbeData`.
+        """
         from analysis.landscape.store import landscape_settings
+        from analysis.probe_data import ProbeData
+
+        data = ProbeData.of(data)
 
         return landscape_settings(
             steps=self.landscape_steps,
             span=self.landscape_span,
             space=self.space,
             seed=self.seed,
-            data=data,
+            data=data.spec,
+            data_options=data.options(),
             **self.probe_key(),
         )
 

@@ -15,7 +15,6 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from analysis.guard import measuring
 from analysis.probe import ProbeSet
@@ -100,8 +99,7 @@ class ModelObjective:
 
     def _batch_loss(self, batch: dict[str, Any], overrides: dict[str, torch.Tensor]) -> torch.Tensor:
         self.forwards += 1
-        outputs = functional_call(self.model, overrides, args=(), kwargs=batch, strict=False)
-        return self.probe.weighted_loss(outputs, batch)
+        return self.probe.batch_loss(self.model, batch, overrides)
 
     @torch.no_grad()
     def loss(self, delta: torch.Tensor | None = None) -> float:

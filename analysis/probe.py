@@ -45,6 +45,27 @@ def batch_size_of(batch: Batch) -> int:
     raise FlatLoraError("a probe batch holds no tensor: pass HF-style dicts such as {'input_ids': ..., 'labels': ...}")
 
 
+_NO_MASK: set[type] = set()  # model classes seen to return full logits despite a logits_to_keep mask
+
+
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def takes_logits_mask(model: torch.nn.Module) -> bool:
+    """Whether the (peft-wrapped) causal LM's forward takes ``logits_to_keep`` (transformers >= 4.50 LMs do)."""
+    import inspect
+
+    base = _base_model(model)
+    if type(base) in _NO_MASK:
+        return False
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 @dataclass(frozen=True)
 class ProbeSet:
     """Fixed HF dict batches and how their loss is taken.
@@ -290,6 +311,43 @@ class ProbeSet:
         if self.weighting == "tokens":
             raise FlatLoraError("under token weighting loss_fn must return the batch's token-mean loss (a scalar)")
         return loss.sum() / self.n_examples
+
+    def batch_loss(self, model: torch.nn.Module, batch: Batch, overrides: dict[str, torch.Tensor] | None = None):
+        """This batch's share of the probe-set loss of ``model`` with parameter ``overrides`` (functional call).
+
+        Under token weighting with the model's own loss, the LM head runs on the scored
+        positions only (``logits_to_keep`` as a boolean mask, where the model takes one): the
+        same token-mean cross-entropy over the same tokens, without the vocabulary-sized logits
+        of prompt and padding positions, which dominate a small LLM's memory in Hessian products.
+        """
+        from torch.func import functional_call
+
+        mask = self._scored_mask(model, batch)
+        if mask is None:
+            outputs = functional_call(model, overrides or {}, args=(), kwargs=batch, strict=False)
+            return self.weighted_loss(outputs, batch)
+        kwargs = {k: v for k, v in batch.items() if k != "labels"}
+        outputs = functional_call(
+            model, overrides or {}, args=(), kwargs={**kwargs, "logits_to_keep": mask}, strict=False
+        )
+        targets = batch["labels"][:, 1:][mask[:, :-1]]
+        logits = outputs.logits
+        if logits.dim() != 2 or logits.shape[0] != targets.shape[0]:  # a model that ignored the mask
+            _NO_MASK.add(type(_base_model(model)))
+            return self.batch_loss(model, batch, overrides)
+        # at least float32, as transformers' loss takes it (which also casts float64 down: here it stays)
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        loss = torch.nn.functional.cross_entropy(logits, targets, reduction="mean")
+        return loss * self.batch_weight(batch)
+
+    def _scored_mask(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor | None:
+        """(B, T) bool: position p of a row is kept when it predicts a scored label (labels[p + 1] != -100)."""
+        if self.weighting != "tokens" or self.loss_fn is not None or not takes_logits_mask(model):
+            return None
+        labels = batch["labels"]
+        mask = torch.zeros_like(labels, dtype=torch.bool)
+        mask[:, :-1] = labels[:, 1:] != -100
+        return mask
 
     def fingerprint(self) -> str:
         """A content hash of the batches (tensors' bytes and dtypes), for caches."""

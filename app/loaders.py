@@ -115,12 +115,16 @@ def runs_table(root: str, token: tuple) -> list[dict[str, Any]]:
                 "run": str(run.path.relative_to(root)) if run.path != Path(root) else run.path.name,
                 "path": str(run.path),
                 "method": run.method,
+                "task": run.info.get("task") or "classification",
                 "status": run.status,
                 "rho": h.get("rho") if run.method != "lora" else None,
                 "lr": h.get("lr"),
                 "seed": h.get("seed"),
                 "steps": h.get("steps"),
                 "test_accuracy": m.get("test_accuracy"),
+                "test_perplexity": m.get("test_perplexity"),
+                "test_bleu": m.get("test_bleu"),
+                "test_rouge_l": m.get("test_rouge_l"),
                 "test_loss": m.get("test_loss"),
                 "train_loss": m.get("train_loss"),
                 "gap": gap,
@@ -136,6 +140,37 @@ def history(path: str, token: int) -> list[dict[str, Any]]:
     from flatlora.runs import read_metrics_file
 
     return read_metrics_file(Path(path) / "metrics.jsonl")
+
+
+@st.cache_data(show_spinner=False)
+def generations(path: str, token: int, limit: int = 20) -> list[dict[str, Any]]:
+    """The first ``limit`` saved generations of a causal-LM run (source, prediction, references)."""
+    import json
+
+    from flatlora.experiment_lm import GENERATIONS_FILE
+
+    out = []
+    file = Path(path) / GENERATIONS_FILE
+    if not file.is_file():
+        return out
+    with file.open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line being written, or damaged: skip it
+            if isinstance(record, dict):
+                out.append(record)
+            if len(out) >= limit:
+                break
+    return out
+
+
+def generations_token(path: str) -> int:
+    from flatlora.experiment_lm import GENERATIONS_FILE
+
+    file = Path(path) / GENERATIONS_FILE
+    return file.stat().st_mtime_ns if file.exists() else 0
 
 
 def history_token(path: str) -> int:

@@ -168,3 +168,33 @@ def train_tiny_runs(
                 argv += ["--diagnostics-every", "1"]
             assert cli.main(argv) == 0
     return root
+
+
+def write_pairs_csv(path, n: int = 8):
+    """A prompt/target CSV in the shape of E2E meaning representations and their references."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["prompt", "target"])
+        for i in range(n):
+            writer.writerow([f"name[Place {i}], food[Thai]", f"Place {i} serves Thai food" + " nearby" * (i % 3)])
+    return path
+
+
+def train_tiny_causal_runs(
+    root, pairs_csv, model_dir, methods=(("lora", 0.0), ("flat-lora", 0.5), ("eflat-lora", 0.5))
+):
+    """Tiny causal-LM runs into root/<method>, each decoding and scoring 3 test prompts (generations.jsonl)."""
+    from flatlora import cli
+
+    for method, rho in methods:
+        argv = ["train", "--method", method, "--data", str(pairs_csv), "--model", str(model_dir), "--shots", "3",
+                "--steps", "4", "--batch-size", "3", "--lr", "5e-3", "--generate", "3", "--test-cap", "none",
+                "--no-progress", "--save-every", "2", "--log-every", "1", "--out", str(root / method)]  # fmt: skip
+        if rho:
+            argv += ["--rho", str(rho)]
+        if method == "eflat-lora":
+            argv += ["--diagnostics-every", "1"]
+        assert cli.main(argv) == 0
+    return root

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from analysis_fixtures import train_tiny_causal_runs, write_pairs_csv
 
 from analysis import ProbeSet, load_model
 from flatlora import cli
@@ -30,7 +31,8 @@ def stock_adapter(base_dir: str, folder: Path, *, seed: int = 0, **lora) -> Path
         "fan_in_fan_out": is_gpt2,
         **lora,
     }
-    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, **options))
+    options = {"r": 4, "lora_alpha": 8, **options}
+    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **options))
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -42,13 +44,7 @@ def stock_adapter(base_dir: str, folder: Path, *, seed: int = 0, **lora) -> Path
 
 @pytest.fixture(scope="module")
 def pairs_csv(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("pairs") / "pairs.csv"
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["prompt", "target"])
-        for i in range(8):
-            writer.writerow([f"name[Place {i}], food[Thai]", f"Place {i} serves Thai food" + " nearby" * (i % 3)])
-    return path
+    return write_pairs_csv(tmp_path_factory.mktemp("pairs") / "pairs.csv")
 
 
 def tree(root: Path) -> list[str]:
@@ -96,15 +92,8 @@ def test_landscape_of_a_bare_adapter_is_saved_and_reused(tmp_path, pairs_csv, ti
 
 @pytest.fixture(scope="module")
 def causal_runs(tmp_path_factory, pairs_csv, tiny_gpt2_dir):
-    root = tmp_path_factory.mktemp("causal-runs")
-    for method, rho in (("lora", 0.0), ("flat-lora", 0.5), ("eflat-lora", 0.5), ("lora-sam", 0.05)):
-        argv = ["train", "--method", method, "--data", str(pairs_csv), "--model", tiny_gpt2_dir, "--shots", "3",
-                "--steps", "4", "--batch-size", "3", "--lr", "5e-3", "--generate", "3", "--test-cap", "none",
-                "--no-progress", "--save-every", "2", "--out", str(root / method)]  # fmt: skip
-        if rho:
-            argv += ["--rho", str(rho)]
-        assert cli.main(argv) == 0
-    return root
+    methods = (("lora", 0.0), ("flat-lora", 0.5), ("eflat-lora", 0.5), ("lora-sam", 0.05))
+    return train_tiny_causal_runs(tmp_path_factory.mktemp("causal-runs"), pairs_csv, tiny_gpt2_dir, methods)
 
 
 def test_report_on_causal_runs_shows_perplexity_bleu_and_correlates_with_them(causal_runs, tmp_path, capsys):
@@ -187,3 +176,66 @@ def test_the_merged_space_refuses_a_quantized_base_and_lora_still_works(tiny_gpt
     with pytest.raises(FlatLoraError, match=r"quantized layer.*lora or b space"):
         build_space(model, "merged")
     assert build_space(model, "lora").dim > 0 and build_space(model, "b").dim > 0
+
+
+def test_the_outside_check_top_eigenvalue_equals_a_dense_float64_hessian(tmp_path, pairs_csv, tiny_gpt2_dir):
+    """As the issue's outside check: a stock GPT-2 adapter, batches of 3, lambda_max vs a dense float64 Hessian."""
+    import copy
+
+    from test_analysis_hessian import reference_hessian
+
+    from analysis import top_eigenvalues
+    from analysis.objective import double_backward_attention
+
+    adapter = stock_adapter(tiny_gpt2_dir, tmp_path / "adapter", target_modules=["c_attn"], r=2)
+    model, tokenizer = load_model(adapter, tiny_gpt2_dir, device="cpu")
+    probe = ProbeSet.from_data(pairs_csv, tokenizer, task="causal-lm", n=None, batch_size=3, split="train")
+    assert len(probe.batches) >= 2
+    for batch in probe.batches:
+        assert {"input_ids", "attention_mask", "labels"} <= set(batch)
+        for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
+            scored = (labels != -100).nonzero()[:, 0]
+            assert len(scored) > 0 and labels[0] == -100  # the prompt is masked, the target scored
+            assert torch.equal(labels[scored], ids[scored]) and mask[scored].all()
+            assert (labels[mask == 0] == -100).all()  # padding is masked
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lam = top_eigenvalues(model, probe, k=1, space="lora").eigenvalues[0]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model untouched
+    dense_model = copy.deepcopy(model).double()
+    with double_backward_attention(dense_model):
+        dense = reference_hessian(dense_model, ProbeSet(probe.batches, None, {}, "tokens"), "lora")
+    assert lam == pytest.approx(torch.linalg.eigvalsh(dense)[-1].item(), rel=1e-4, abs=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_scored_positions_only_give_the_models_own_loss_and_gradient(tmp_path, pairs_csv, arch, request):
+    """The LM head on scored positions only (logits_to_keep) equals the model's loss over the full logits."""
+    from torch.func import functional_call
+
+    from analysis.probe import takes_logits_mask
+    from analysis.spaces import build_space
+
+    base = request.getfixturevalue(f"tiny_{arch}_dir")
+    model, tokenizer = load_model(stock_adapter(base, tmp_path / "adapter"), base, device="cpu")
+    model = model.double()
+    probe = ProbeSet.from_data(pairs_csv, tokenizer, task="causal-lm", n=None, batch_size=3)
+    assert takes_logits_mask(model)
+    space = build_space(model, "lora")
+    for batch in probe.batches:
+
+        def full_logits_loss(overrides, batch=batch):
+            """The token-mean cross-entropy of the full float64 logits, shifted as transformers does."""
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            logits = functional_call(model, overrides, args=(), kwargs=inputs, strict=False).logits[:, :-1]
+            labels = batch["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+            return loss * probe.batch_weight(batch)
+
+        leaves = [t.detach().clone().requires_grad_(True) for t in space.split(space.zeros())]
+        fast = probe.batch_loss(model, batch, space.overrides(leaves))
+        leaves2 = [t.detach().clone().requires_grad_(True) for t in space.split(space.zeros())]
+        full = full_logits_loss(space.overrides(leaves2))
+        assert fast.dtype == torch.float64 and float(fast) == pytest.approx(float(full), rel=1e-12)
+        assert float(fast) == pytest.approx(float(probe.weighted_loss(model(**batch), batch)), rel=1e-6)  # HF's loss
+        for a, b in zip(torch.autograd.grad(fast, leaves), torch.autograd.grad(full, leaves2)):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)

@@ -14,12 +14,13 @@ import pytest
 NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
 
 
-def test_there_are_four_notebooks_and_none_holds_outputs():
+def test_there_are_five_notebooks_and_none_holds_outputs():
     assert [p.name for p in NOTEBOOKS] == [
         "01_quickstart.ipynb",
         "02_landscapes.ipynb",
         "03_theorem2.ipynb",
         "04_sharpness_generalization.ipynb",
+        "05_llm_sharpness.ipynb",
     ]
     for path in NOTEBOOKS:
         book = json.loads(path.read_text())

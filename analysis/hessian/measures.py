@@ -138,7 +138,7 @@ def top_eigenvalues(
     probe: ProbeSet,
     k: int = 1,
     space: str = "lora",
-    tol: float = 1e-3,
+    tol: float | None = None,
     which: str = "algebraic",
     *,
     solver: str = "lanczos",
@@ -156,7 +156,9 @@ def top_eigenvalues(
         probe: the probe set.
         k: how many eigenvalues.
         space: ``lora`` (default), ``b``, ``merged`` or ``all``.
-        tol: relative accuracy asked of each eigenvalue.
+        tol: relative accuracy asked of each eigenvalue (the Lanczos error bound); default
+            1e-5 for ``lanczos`` and ``eigsh`` (a few products more than 1e-3 buys four digits),
+            1e-3 for power iteration (PyHessian's own stopping rule and default).
         which: ``algebraic`` (largest values) or ``magnitude`` (largest |values|).
         solver: ``lanczos`` (full reorthogonalisation, default), ``eigsh`` (scipy ARPACK on
             the host) or ``power`` (PyHessian's deflated power iteration).
@@ -176,6 +178,8 @@ def top_eigenvalues(
     """
     _check(solver, SOLVERS, "solver")
     _check(backend, BACKENDS, "backend")
+    if tol is None:
+        tol = 1e-3 if (solver == "power" or backend == "pyhessian") else 1e-5
     settings = {
         "k": k,
         "space": space,

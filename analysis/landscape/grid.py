@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from analysis.guard import measuring
 from analysis.landscape import directions as dirs
@@ -94,8 +93,7 @@ def evaluate_points(
         total = 0.0
         with torch.no_grad():
             for batch in probe.batches:
-                out = functional_call(model, overrides, args=(), kwargs=batch, strict=False)
-                total += float(probe.weighted_loss(out, batch).double())
+                total += float(probe.batch_loss(model, batch, overrides).double())
         values[i] = total
         if progress is not None:
             progress(n + 1, len(mine))
@@ -112,7 +110,7 @@ def _clean_loss(model: nn.Module, probe: ProbeSet) -> float:
     total = 0.0
     with torch.no_grad():
         for batch in probe.batches:
-            total += float(probe.weighted_loss(functional_call(model, {}, args=(), kwargs=batch), batch).double())
+            total += float(probe.batch_loss(model, batch).double())
     return total
 
 

@@ -27,7 +27,9 @@ rows = summary_rows(report)
 measures = measure_columns(rows)
 c1, c2 = st.columns(2)
 measure = c1.selectbox("Measure", measures, key="corr_measure")
-target = c2.selectbox("Generalization", list(TARGETS), key="corr_target")
+# the targets some run has: accuracy for classifiers, perplexity and BLEU for causal LMs, loss and gap for both
+targets = [t for t in TARGETS if any(isinstance(r.get(t), (int, float)) for r in rows)] or list(TARGETS)
+target = c2.selectbox("Generalization", targets, key="corr_target")
 st.plotly_chart(plots.correlation_scatter_figure(rows, measure, target), width="stretch", key="corr_scatter")
 try:
     result = correlate(rows, measure, target, n_resamples=1000)

@@ -9,6 +9,33 @@ from app import loaders
 
 st.title("Runs")
 root = loaders.runs_folder_or_stop()
+METRICS = ("test_accuracy", "test_perplexity", "test_bleu", "test_rouge_l")
+
+
+def generations_view(rows: list[dict]) -> None:
+    """A few saved generations of a causal-LM run: its source, prediction and references."""
+    causal = [r for r in rows if r["task"] == "causal-lm"]
+    if not causal:
+        return
+    st.subheader("Generations")
+    name = st.selectbox("Run", [r["run"] for r in causal], key="runs_generations")
+    path = next(r["path"] for r in causal if r["run"] == name)
+    records = loaders.generations(path, loaders.generations_token(path))
+    if not records:
+        st.info(f"{name} saved no generations (train with --generate N to decode N test prompts)")
+        return
+    st.dataframe(
+        [
+            {
+                "source": g.get("source"),
+                "prediction": g.get("prediction"),
+                "references": " | ".join(g.get("references") or []),
+            }
+            for g in records
+        ],
+        width="stretch",
+        hide_index=True,
+    )
 
 
 @st.fragment(run_every=5.0)
@@ -24,13 +51,16 @@ def runs_view() -> None:
     if running:
         st.warning(f"still being written: {', '.join(running)} (this page refreshes every 5 s)")
     st.metric("runs shown", len(shown))
-    columns = ["run", "method", "status", "rho", "lr", "seed", "steps", "test_accuracy", "test_loss", "gap", "wall_s"]
+    columns = ["run", "method", "task", "status", "rho", "lr", "seed", "steps", *METRICS, "test_loss", "gap", "wall_s"]
+    # Classifiers have accuracy, causal LMs perplexity and generation metrics: show the columns some run has.
+    columns = [c for c in columns if c not in METRICS or any(r[c] is not None for r in shown)]
     st.dataframe([{c: r[c] for c in columns} for r in shown], width="stretch", hide_index=True)
     selected = st.multiselect(
         "Runs to plot", [r["run"] for r in shown], default=[r["run"] for r in shown], key="runs_selected"
     )
     paths = {r["run"]: r["path"] for r in shown if r["run"] in selected}
     histories = {name: loaders.history(path, loaders.history_token(path)) for name, path in paths.items()}
+    generations_view(shown)
     if not histories:
         return
     tabs = st.tabs(["loss", "rho and realized norm", "balancedness", "Theorem 2"])

@@ -1,0 +1,107 @@
+"""The dashboard on causal-LM runs: their task, perplexity and BLEU, generations, curves, landscapes, curvature."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from analysis_fixtures import train_tiny_causal_runs, write_pairs_csv
+
+pytest.importorskip("streamlit")
+pytest.importorskip("gguf", reason="causal-LM tests use the default LLM's tokenizer (pip install gguf)")
+from streamlit.testing.v1 import AppTest
+
+from flatlora import cli
+
+MAIN = str(Path(__file__).parents[1] / "app" / "main.py")
+
+
+@pytest.fixture(scope="module")
+def causal_folder(tmp_path_factory, tiny_gpt2_dir):
+    """Three tiny causal-LM runs with generations, and their quick report in FOLDER/report."""
+    root = tmp_path_factory.mktemp("app-causal")
+    runs = train_tiny_causal_runs(root / "runs", write_pairs_csv(root / "pairs.csv"), tiny_gpt2_dir)
+    argv = ["report", str(runs), "--out", str(runs / "report"), "--quick", "--examples", "6", "--batch-size", "6",
+            "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0
+    return runs
+
+
+@pytest.fixture(autouse=True)
+def fresh_caches():
+    from app.loaders import clear_caches
+
+    clear_caches()
+    yield
+    clear_caches()
+
+
+def app_on(folder, monkeypatch) -> AppTest:
+    monkeypatch.setenv("FLATLORA_RUNS_DIR", str(folder))
+    at = AppTest.from_file(MAIN, default_timeout=180)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def specs(at) -> list[dict]:
+    return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+
+
+def test_runs_page_lists_causal_runs_with_perplexity_bleu_and_generations(causal_folder, monkeypatch):
+    at = app_on(causal_folder, monkeypatch)
+    runs = at.dataframe[0].value
+    assert set(runs["task"]) == {"causal-lm"}
+    assert "test_accuracy" not in runs.columns  # no run has it
+    info = json.loads((causal_folder / "lora" / "run.json").read_text())
+    row = runs[runs["run"] == "lora"].iloc[0]
+    assert row["test_perplexity"] == pytest.approx(info["metrics"]["test_perplexity"])
+    assert row["test_bleu"] == pytest.approx(info["metrics"]["test_bleu"])
+    generations = at.dataframe[1].value
+    assert list(generations.columns) == ["source", "prediction", "references"]
+    saved = [json.loads(line) for line in (causal_folder / "eflat-lora" / "generations.jsonl").read_text().splitlines()]
+    assert generations["source"].tolist() == [g["source"] for g in saved]  # the first run in the list
+    assert generations["references"].tolist() == [" | ".join(g["references"]) for g in saved]
+    loss = specs(at)[0]
+    assert {t["name"] for t in loss["data"]} == {"lora", "flat-lora", "eflat-lora"}
+
+
+def test_landscape_curvature_and_correlation_pages_on_causal_runs(causal_folder, monkeypatch):
+    at = app_on(causal_folder, monkeypatch)
+    at.switch_page("views/landscapes.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    [curves] = specs(at)
+    assert len([t for t in curves["data"] if t.get("mode") == "lines"]) == 3
+    at.switch_page("views/curvature.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert len(at.dataframe[0].value) == 3
+    at.switch_page("views/correlation.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    options = at.selectbox(key="corr_target").options
+    assert "test_perplexity" in options and "test_bleu" in options and "test_accuracy" not in options
+    at.selectbox(key="corr_target").set_value("test_perplexity").run()
+    assert "test_perplexity vs" in specs(at)[0]["layout"]["title"]["text"]
+
+
+def test_a_real_browser_shows_a_causal_runs_generations(causal_folder, tmp_path):
+    import os
+
+    from browser import headless_chromium, missing_browser, serve_app, wait_for_chart
+
+    reason = missing_browser()
+    if reason:
+        pytest.skip(reason)
+    pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    artifacts = Path(os.environ.get("FLATLORA_TEST_ARTIFACTS", tmp_path))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    with serve_app(causal_folder) as url, headless_chromium() as browser:
+        browser.get(url)
+        wait_for_chart(browser)
+        WebDriverWait(browser, 60).until(lambda b: "Generations" in b.find_element(By.TAG_NAME, "body").text)
+        assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
+        browser.save_screenshot(str(artifacts / "dashboard-causal-runs.png"))
+        assert (artifacts / "dashboard-causal-runs.png").stat().st_size > 10_000

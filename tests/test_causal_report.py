@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from analysis_fixtures import train_tiny_causal_runs, write_pairs_csv
@@ -187,7 +188,7 @@ def test_the_outside_check_top_eigenvalue_equals_a_dense_float64_hessian(tmp_pat
     from analysis import top_eigenvalues
     from analysis.objective import double_backward_attention
 
-    adapter = stock_adapter(tiny_gpt2_dir, tmp_path / "adapter", target_modules=["c_attn"], r=2)
+    adapter = stock_adapter(tiny_gpt2_dir, tmp_path / "adapter", target_modules=["c_attn"], r=1)
     model, tokenizer = load_model(adapter, tiny_gpt2_dir, device="cpu")
     probe = ProbeSet.from_data(pairs_csv, tokenizer, task="causal-lm", n=None, batch_size=3, split="train")
     assert len(probe.batches) >= 2
@@ -235,7 +236,25 @@ def test_scored_positions_only_give_the_models_own_loss_and_gradient(tmp_path, p
         fast = probe.batch_loss(model, batch, space.overrides(leaves))
         leaves2 = [t.detach().clone().requires_grad_(True) for t in space.split(space.zeros())]
         full = full_logits_loss(space.overrides(leaves2))
-        assert fast.dtype == torch.float64 and float(fast) == pytest.approx(float(full), rel=1e-12)
+        assert fast.dtype == torch.float64 and fast.item() == pytest.approx(full.item(), rel=1e-12)
         assert float(fast) == pytest.approx(float(probe.weighted_loss(model(**batch), batch)), rel=1e-6)  # HF's loss
         for a, b in zip(torch.autograd.grad(fast, leaves), torch.autograd.grad(full, leaves2)):
             assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("space", ["lora", "b", "merged", "all"])
+def test_every_measure_runs_on_a_causal_probe_in_every_space(tmp_path, pairs_csv, arch, space, request):
+    """Sharpness, lambda_max and a landscape on GPT-2 (Conv1D) and LLaMA adapters, the model left bit-identical."""
+    from analysis import landscape_1d, sharpness, top_eigenvalues
+
+    base = request.getfixturevalue(f"tiny_{arch}_dir")
+    model, tokenizer = load_model(stock_adapter(base, tmp_path / "adapter"), base, device="cpu")
+    probe = ProbeSet.from_data(pairs_csv, tokenizer, task="causal-lm", n=5, batch_size=3)  # two uneven batches
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sharp = sharpness(model, probe, 0.05, kind="worst", space=space, steps=2)
+    lam = top_eigenvalues(model, probe, k=1, space=space, max_iter=8)
+    line = landscape_1d(model, probe, steps=3, space=space)
+    assert math.isfinite(sharp.value) and sharp.value >= -1e-6 and math.isfinite(lam.eigenvalues[0])
+    assert line.clean_loss == pytest.approx(sharp.clean_loss, rel=1e-6) and np.isfinite(line.z).all()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -86,14 +86,24 @@ def resolve_targets(paths: list[str | Path]) -> list[Target]:
 
 
 def _run_target(path: Path) -> Target:
+    """A finished run of a known method, its metrics.jsonl and adapter config readable (else one line)."""
+    from analysis.probe_data import read_adapter_config
+    from flatlora.methods import METHODS
     from flatlora.runs import load_run
 
     run = load_run(path)
-    if run.adapter_path is None:
+    if run.method not in METHODS:
         raise FlatLoraError(
-            f"run {path} has no saved adapter (status {run.status!r}): let it finish, "
-            "or pass one of its trajectory/step-N folders as an adapter with --base-model"
+            f"run {path} names an unknown method {run.method!r} in run.json: use one of {', '.join(METHODS)}, "
+            "or measure its adapter/ folder as a bare adapter with --base-model and --data"
         )
+    if run.status != "done" or run.adapter_path is None:
+        raise FlatLoraError(
+            f"run {path} is not finished (status {run.status!r}): let it finish (or resume it), "
+            "or pass one of its trajectory/step-N folders as an adapter with --base-model and --data"
+        )
+    run.metrics  # noqa: B018  (a damaged metrics.jsonl is refused here, before any measure)
+    read_adapter_config(run.adapter_path)
     return Target("run", path, run.adapter_path)
 
 

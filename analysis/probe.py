@@ -233,7 +233,10 @@ class ProbeSet:
             raise FlatLoraError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
         data = run.info.get("data") or {}
         if not data.get("spec"):
-            raise FlatLoraError(f"{run.path}/run.json names no data spec: pass batches with ProbeSet.from_batches")
+            raise FlatLoraError(
+                f"{run.path}/run.json names no data spec: pass --data to say what to measure it on "
+                "(Python: ProbeSet.from_data or from_batches)"
+            )
         if run.info.get("task") == "causal-lm":
             from flatlora.causal_lm import load_causal_tokenizer
 

@@ -15,6 +15,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import torch
+
 from flatlora.data.causal import CAUSAL_LM, CLASSIFICATION, TASKS
 from flatlora.errors import FlatLoraError
 
@@ -202,4 +204,20 @@ def check_vocabulary(target, model, probe) -> None:
         raise FlatLoraError(
             f"the probe of {target.path} holds token id {top} but the base model's vocabulary has {rows} entries: "
             "the tokenizer belongs to another model; pass the base model the adapter was trained on"
+        )
+
+
+def check_labels(target, model, probe) -> None:
+    """Refuse classification labels beyond the adapter's head (data with more classes than it was trained on)."""
+    if probe.weighting != "examples":
+        return
+    heads = getattr(getattr(model, "config", None), "num_labels", None)
+    labels = [b["labels"] for b in probe.batches if torch.is_tensor(b.get("labels")) and b["labels"].dim() == 1]
+    if not heads or not labels:
+        return
+    top = max(int(t.max()) for t in labels if t.numel())
+    if top >= heads:
+        raise FlatLoraError(
+            f"the probe data of {target.path} has labels up to {top} ({top + 1} classes) but the adapter's head "
+            f"has {heads} classes: measure it on data with its own {heads} classes"
         )

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from flatlora.errors import FlatLoraError
+
 
 def _read_umask() -> int:
     mask = os.umask(0)
@@ -85,3 +87,18 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             os.replace(old, path)  # put the previous folder back
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def check_writable(out: str | Path, flag: str = "--out", *, folder: bool = True) -> None:
+    """Refuse, writing nothing, an output path that cannot be created: a file where a folder goes, a file
+    among its ancestors, or a first existing ancestor that is not writable (checked before any work)."""
+    path = Path(out).expanduser().absolute()
+    if folder and path.exists() and not path.is_dir():
+        raise FlatLoraError(f"{flag} {out} is a file: choose a folder")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if probe != path and not probe.is_dir():
+        raise FlatLoraError(f"{flag} {out} lies under {probe}, which is a file: choose another {flag}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise FlatLoraError(f"{flag} {out}: {probe} is not writable: choose a folder you can write to")

@@ -75,8 +75,41 @@ HELP = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line refusals: ``flatlora <command>: error: ...`` and exit 2, no usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"flatlora: error: {self.prog.removeprefix('flatlora ')}: {message} (see {self.prog} --help)\n")
+
+
+def _comma_list(cast, what: str, low: float | None = None, strict: bool = False):
+    """An argparse type: comma-separated values of ``cast``, each >= low (> low when ``strict``)."""
+
+    def parse(text: str):
+        try:
+            values = [cast(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            values = None
+        bad = values is None or not values
+        if not bad and low is not None:
+            bad = any(not math.isfinite(v) or (v <= low if strict else v < low) for v in values)
+        if bad:
+            bound = "" if low is None else f" {'>' if strict else '>='} {low:g}"
+            raise argparse.ArgumentTypeError(f"takes comma-separated {what}{bound}, got {text!r}")
+        return values
+
+    parse.__name__ = what  # what argparse names in its own messages
+    return parse
+
+
 def _optional_int(text: str) -> int | None:
-    return None if text.lower() == "none" else int(text)
+    """A whole number, or ``none``."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes a whole number or none, got {text!r}") from None
 
 
 def _test_cap(text: str) -> int | str | None:
@@ -185,9 +218,13 @@ def _sweep(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from flatlora import distributed
+    from flatlora.atomic import check_writable
     from flatlora.experiment import train_run, validate
     from flatlora.runs import load_run
 
+    if not args.methods:
+        raise FlatLoraError("--methods is empty: name at least one method, e.g. --methods lora,eflat-lora")
+    check_writable(args.out)
     points = _sweep_runs(args)
     with distributed.agreed():
         for _, config in points:
@@ -280,7 +317,7 @@ def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from flatlora import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="flatlora",
         description="Sharpness-aware LoRA fine-tuning (LoRA-SAM, Flat-LoRA, EFlat-LoRA, ...) on peft models.",
     )
@@ -308,25 +345,25 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", required=True, help="folder of the sweep's run directories")
     sweep.add_argument(
         "--methods",
-        type=lambda s: s.split(","),
+        type=lambda s: [m.strip() for m in s.split(",") if m.strip()],
         default=["lora", "eflat-lora"],
         help="comma-separated methods (default: lora,eflat-lora)",
     )
     sweep.add_argument(
         "--rhos",
-        type=lambda s: [float(x) for x in s.split(",")],
+        type=_comma_list(float, "radii", 0.0),
         default=[0.05],
         help="comma-separated radii (ignored by lora; default: 0.05)",
     )
     sweep.add_argument(
         "--lrs",
-        type=lambda s: [float(x) for x in s.split(",")],
+        type=_comma_list(float, "learning rates", 0.0, strict=True),
         default=[1e-3],
         help="comma-separated learning rates (default: 0.001)",
     )
     sweep.add_argument(
         "--seeds",
-        type=lambda s: [int(x) for x in s.split(",")],
+        type=_comma_list(int, "whole-number seeds"),
         default=[13, 21, 42, 87, 100],
         help="comma-separated seeds (default: 13,21,42,87,100 as in LM-BFF)",
     )

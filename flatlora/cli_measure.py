@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,46 @@ from flatlora.errors import FlatLoraError
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x]
+        return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"takes comma-separated numbers, got {text!r}") from None
 
 
-def _optional_n(text: str) -> int | None:
-    return None if text.lower() in ("all", "none") else int(text)
+ALL = "all"  # --examples all: the whole split (None in the settings)
+
+
+def _examples(text: str) -> int | str:
+    """--examples: a whole number >= 1, or ``all``."""
+    if text.strip().lower() in ("all", "none"):
+        return ALL
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"takes a whole number >= 1 or all, got {text!r}")
+    return value
+
+
+def check_device(text: str | None) -> None:
+    """Refuse a --device torch cannot parse, or a CUDA device this torch or machine lacks, in one line."""
+    if text is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise FlatLoraError(f"--device {text!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FlatLoraError(f"--device {text}: this torch sees no CUDA device (a CPU build, or no GPU): use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise FlatLoraError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type not in ("cpu", "mps"):
+        raise FlatLoraError(f"--device {text}: flatlora measures on cpu or cuda")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise FlatLoraError(f"--device {text}: this torch has no MPS backend: use cpu")
 
 
 class ProgressBars:
@@ -76,7 +110,7 @@ def report_settings(args: argparse.Namespace):
         split=args.split,
         batch_size=args.batch_size,
         rhos=tuple(args.rho) if args.rho else None,
-        kinds=tuple(args.kinds.split(",")) if args.kinds else None,
+        kinds=None if args.kinds is None else tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
         space=args.space,
         eig_k=args.eig_k,
         eig_space=args.eig_space,
@@ -85,8 +119,8 @@ def report_settings(args: argparse.Namespace):
         layers=True if args.layers else None,
         seed=args.seed,
     )
-    if args.n != -1:  # "all" gives None, which the preset call would read as "not given"
-        settings = dataclasses.replace(settings, n=args.n)
+    if args.n is not None:  # an explicit count, or all (None in the settings: the preset call reads None as unset)
+        settings = dataclasses.replace(settings, n=None if args.n == ALL else args.n)
     return settings
 
 
@@ -100,8 +134,12 @@ def _report(args: argparse.Namespace) -> int:
     else:
         if not args.paths:
             raise FlatLoraError("name at least one run directory, adapter folder or folder of runs (or pass --merge)")
+        from flatlora.atomic import check_writable
+
         settings = report_settings(args)
         shard = parse_shard(args.shard)
+        check_device(args.device)
+        check_writable(args.out)
         if shard is None:
             _init_distributed()  # under torchrun, the ranks split the adapters and rank 0 writes
         rank = _rank()
@@ -149,8 +187,6 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 def _init_distributed() -> None:
     """Join the process group torchrun / accelerate launch set up (gloo on CPU, nccl on GPU)."""
-    import os
-
     import torch
     import torch.distributed as dist
 
@@ -181,14 +217,18 @@ def probe_data(args: argparse.Namespace):
 
 
 def _landscape(args: argparse.Namespace) -> int:
-    import os
-
     from analysis.landscape import cached_landscape, interpolate, landscape_1d, landscape_2d, symmetric_grid
     from analysis.landscape.store import landscape_key, landscape_settings
     from analysis.loading import load_model
-    from analysis.probe_data import build_target_probe, check_vocabulary
+    from analysis.probe_data import build_target_probe, check_labels, check_vocabulary
+    from flatlora.atomic import check_writable
 
     quiet_transformers()
+    check_device(args.device)
+    if args.steps % 2 == 0:  # the grid is symmetric around the adapter, which is its middle point
+        raise FlatLoraError(
+            f"--steps must be odd (the adapter is the middle point), got {args.steps}: use {args.steps + 1}"
+        )
     data = probe_data(args)
     [target] = _one_target(args.run, "landscape")
     symmetric_grid(args.steps, args.span if args.span is not None else 1.0)
@@ -203,8 +243,7 @@ def _landscape(args: argparse.Namespace) -> int:
             raise FlatLoraError(f"--pca needs a run's saved trajectory, and {target.path} is a bare adapter")
         trajectory_folders(target.path)
     folder = Path(args.out) if args.out else target.path / "analysis"
-    if folder.exists() and not folder.is_dir():
-        raise FlatLoraError(f"--out {folder} is a file: choose a folder for the landscape")
+    check_writable(folder)
     model, tokenizer = load_model(target, args.base_model, device=args.device)
     if other is not None:
         from analysis.landscape.directions import adapter_tensors
@@ -212,6 +251,7 @@ def _landscape(args: argparse.Namespace) -> int:
         adapter_tensors(model, other)  # refuses an adapter of another base model before any work
     probe = build_target_probe(target, data, tokenizer, split=args.split, n=args.n, batch_size=args.batch_size)
     check_vocabulary(target, model, probe)
+    check_labels(target, model, probe)
     _init_distributed()
     rank = int(os.environ.get("RANK", "0"))
     bars = ProgressBars(args.progress and rank == 0)
@@ -307,15 +347,53 @@ def app_command(runs: str, port: int, host: str) -> list[str]:
     ]
 
 
-def _app(args: argparse.Namespace) -> int:
-    import subprocess
+def app_address(host: str, port: int) -> int:
+    """Check that the dashboard can listen on host:port and return the port (a free one for 0); one-line refusals."""
+    import socket
 
-    cmd = app_command(str(Path(args.runs).resolve()), args.port, args.host)
-    print(f"flatlora app: http://{args.host}:{args.port} on {args.runs} (Ctrl-C stops it)", flush=True)
+    if isinstance(port, bool) or not 0 <= port <= 65535:
+        raise FlatLoraError(f"--port {port} is not a port: use 1..65535 (0: any free port)")
     try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 0
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except (socket.gaierror, UnicodeError):
+        raise FlatLoraError(f"--host {host!r} does not resolve to an address of this machine: use 127.0.0.1") from None
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Streamlit's server binds
+        try:
+            probe.bind((host, port))
+        except PermissionError:
+            raise FlatLoraError(f"--port {port} needs privileges here: use a port above 1023") from None
+        except OSError as err:
+            if err.errno == 98 or "in use" in str(err):
+                raise FlatLoraError(
+                    f"port {port} on {host} is in use: pass another --port, or stop what listens there"
+                ) from None
+            raise FlatLoraError(f"--host {host}: cannot listen there ({err.strerror}): use 127.0.0.1") from None
+        return probe.getsockname()[1]
+
+
+def _app(args: argparse.Namespace) -> int:
+    """Validate the folder, host and port, then become the Streamlit server (exec): signals reach it directly,
+    so SIGTERM or Ctrl-C to ``flatlora app`` ends the server and frees the port; no child is left behind."""
+    root = Path(args.runs)
+    if not root.exists():
+        raise FlatLoraError(f"{args.runs} does not exist: pass a folder of runs (flatlora demo writes runs/demo)")
+    if not root.is_dir():
+        raise FlatLoraError(f"{args.runs} is a file: pass the folder that holds the run directories")
+    port = app_address(args.host, args.port)
+    cmd = app_command(str(root.resolve()), port, args.host)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"flatlora app: http://{host}:{port} on {args.runs} (Ctrl-C stops it)", flush=True)
+    sys.stderr.flush()
+    if os.name == "nt":  # no exec on Windows: a child, waited for
+        import subprocess
+
+        try:
+            return subprocess.call(cmd)
+        except KeyboardInterrupt:
+            return 0
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
@@ -367,14 +445,14 @@ def add_measure_commands(sub: argparse._SubParsersAction) -> None:
     shape = land.add_mutually_exclusive_group()
     shape.add_argument("--2d", dest="two_d", action="store_true", help="a plane of two random directions")
     shape.add_argument("--pca", action="store_true", help="the plane of the first two PCs of the saved trajectory")
-    shape.add_argument("--between", help="the line from this run's adapter to another run's (or adapter folder)")
+    shape.add_argument("--between", help="the line from this run's adapter to another run's (or an adapter folder)")
     shape.add_argument("--from-base", action="store_true", help="the line from the base model to this adapter")
     land.add_argument("--steps", type=int, default=21, help="grid points per axis (odd; default 21)")
     land.add_argument("--span", type=float, default=None, help="half-width of the grid (default 1; PCA: auto)")
     land.add_argument("--space", default="merged", help="merged (default), lora, b or all")
     land.add_argument("--seed", type=int, default=0, help="seed of the random directions")
     land.add_argument("--split", default="train", choices=["train", "dev", "test"], help="probe split")
-    land.add_argument("--examples", dest="n", type=_optional_n, default=64, help="probe examples (default 64; 'all')")
+    land.add_argument("--examples", dest="n", type=_examples, default=64, help="probe examples (default 64; 'all')")
     land.add_argument("--batch-size", type=int, default=32, help="probe batch size")
     land.add_argument("--out", help="folder of the saved landscapes (default: RUN/analysis or ADAPTER/analysis)")
     _add_data_options(land)
@@ -400,7 +478,7 @@ def add_measure_commands(sub: argparse._SubParsersAction) -> None:
         "--split", default="train", choices=["train", "dev", "test"], help="probe split (default train)"
     )
     report.add_argument(
-        "--examples", dest="n", type=_optional_n, default=-1, help="probe examples, or 'all' (default: the preset's)"
+        "--examples", dest="n", type=_examples, default=None, help="probe examples, or 'all' (default: the preset's)"
     )
     report.add_argument("--batch-size", type=int, default=None, help="probe batch size (default: the preset's)")
     report.add_argument("--rho", type=_floats, help="sharpness radii, comma-separated (default 0.05)")

@@ -77,6 +77,7 @@ def report_settings(quick: bool):
 def run_demo(args: argparse.Namespace) -> int:
     """Train the demo's runs, measure them, print the tables and the dashboard command."""
     from analysis.report import build_report, summary_rows
+    from flatlora.atomic import check_writable
     from flatlora.cli_measure import ProgressBars, quiet_transformers
 
     quiet_transformers()
@@ -85,7 +86,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
         if args.out == DEFAULT_OUT:
             args.out = DEFAULT_LLM_OUT
+        check_writable(args.out)
         return run_llm_demo(args)
+    check_writable(args.out)
     if args.quick:
         args.steps, args.test_cap = 20, 100
     start = time.perf_counter()

@@ -290,16 +290,9 @@ def train_run(config: TrainConfig, out: str | Path, *, resume: bool = False, ove
 
 def _check_writable(out: str | Path) -> None:
     """--out must be creatable: its first existing ancestor a writable folder (checked before any rank writes)."""
-    import os
+    from flatlora.atomic import check_writable
 
-    path = Path(out).expanduser().absolute()
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if probe != path and not probe.is_dir():
-        raise FlatLoraError(f"--out {out} lies under {probe}, which is a file: choose another --out")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise FlatLoraError(f"--out {out}: {probe} is not writable: choose a folder you can write to")
+    check_writable(out, folder=False)  # a file at --out itself gets RunDir's own refusal
 
 
 def _classification_setup(config: TrainConfig) -> dict[str, Any]:

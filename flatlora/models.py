@@ -294,6 +294,11 @@ def read_adapter_weights(adapter: str | Path) -> dict[str, torch.Tensor]:
         raise FlatLoraError(
             f"{adapter} holds no adapter_config.json: pass a run's adapter/ or trajectory/step-N/ folder"
         )
+    if not any((adapter / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise FlatLoraError(
+            f"{adapter} has no adapter weights (adapter_model.safetensors or .bin): the adapter is incomplete; "
+            "copy or save it again"
+        )
     try:
         return load_peft_weights(str(adapter), device="cpu")
     except Exception as err:  # safetensors and torch raise many types for a damaged file
@@ -301,6 +306,14 @@ def read_adapter_weights(adapter: str | Path) -> dict[str, torch.Tensor]:
         raise FlatLoraError(
             f"cannot read the adapter weights in {adapter} ({first}): the file is damaged; save the adapter again"
         ) from None
+
+
+def check_local_model(name: str, flag: str = "--base-model") -> None:
+    """Refuse a model named by a path (``./x``, ``/x``, ``~/x``, ``x/y/z``) that does not exist (before the hub)."""
+    text = str(name)
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+    if looks_local and not Path(text).expanduser().exists():
+        raise FlatLoraError(f"{flag} {text}: no such folder; pass the folder holding config.json, or an HF hub id")
 
 
 def load_adapter(
@@ -329,10 +342,17 @@ def load_adapter(
 
     adapter = Path(adapter)
     weights = read_adapter_weights(adapter)
-    config = PeftConfig.from_pretrained(str(adapter))
+    try:
+        config = PeftConfig.from_pretrained(str(adapter))
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        reason = " ".join(str(err).split())[:160] or type(err).__name__
+        raise FlatLoraError(
+            f"{adapter}/adapter_config.json is not a valid peft config ({reason}): save the adapter again"
+        ) from None
     name = base_model or config.base_model_name_or_path
     if not name:
         raise FlatLoraError(f"{adapter} names no base model: pass the base model (an HF id or a local folder)")
+    check_local_model(name, "--base-model" if base_model else f"{adapter}'s base_model_name_or_path")
     if num_labels is None:
         heads = [w for k, w in weights.items() if k.endswith(("classifier.weight", "score.weight")) and w.dim() == 2]
         num_labels = heads[0].shape[0] if heads else 2

@@ -145,6 +145,11 @@ class RunDir:
             raise FlatLoraError(f"{run.path} is a file, not a folder: choose another --out")
         occupied = run.path.is_dir() and any(run.path.iterdir())
         if not occupied:
+            if resume:  # a mistyped --out must not start a new run silently
+                raise FlatLoraError(
+                    f"--resume: {run.path} holds nothing to resume (no run there): check --out, or drop --resume "
+                    "to start a new run"
+                )
             return "new"
         if overwrite:
             return "overwrite"
@@ -290,7 +295,10 @@ def read_metrics_file(path: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     records = []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise FlatLoraError(f"{path} is not UTF-8 text (a damaged metrics.jsonl): repair or delete the file") from None
     for i, line in enumerate(lines):
         if not line.strip():
             continue

@@ -62,9 +62,13 @@ def serve_app(runs_dir: str | Path, timeout: float = 60.0) -> Iterator[str]:
             except OSError:
                 time.sleep(0.5)
         yield url
-    finally:
+    finally:  # flatlora app execs Streamlit: the signal reaches the server itself, nothing is orphaned
         server.terminate()
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 @contextlib.contextmanager

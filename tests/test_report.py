@@ -206,7 +206,6 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(runs, tmp_path, tiny_mo
         ([str(no_run)], "holds no run"),
         ([str(runs / "lora-seed1"), "--rho", "0"], "rho must be"),
         ([str(runs / "lora-seed1"), "--rho", "-0.1"], "rho must be"),
-        ([str(runs / "lora-seed1"), "--examples", "0"], "--examples must be"),
         ([str(runs / "lora-seed1"), "--eig-k", "100000"], "larger than"),
         ([str(runs / "lora-seed1" / "adapter")], "bare adapter"),
     ]

@@ -9,6 +9,7 @@ writes ``report.shard-i-of-n.json``; :func:`merge_shards` joins the n shards int
 from __future__ import annotations
 
 import json
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,10 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
         raise FlatLoraError(f"--shard takes i/n with whole numbers, got {text!r}: for example --shard 1/2") from None
+    if n < 1:
+        raise FlatLoraError(f"--shard {text}: n (the number of shards) must be >= 1, for example --shard 1/2")
     if not 1 <= i <= n:
-        raise FlatLoraError(f"--shard {text}: i must lie in 1..n")
+        raise FlatLoraError(f"--shard {text}: i must lie in 1..{n}, for example --shard 1/{n}")
     return i, n
 
 
@@ -52,7 +55,7 @@ def validate_targets(targets: list[Target], settings: ReportSettings, base_model
     plain LoRA on a float base), and ``eig_k`` is at most the Hessian space's dimension.
     """
     from analysis.loading import load_model
-    from analysis.probe_data import check_vocabulary
+    from analysis.probe_data import check_labels, check_vocabulary
     from analysis.spaces import build_space
     from flatlora.lora import find_lora_pairs, require_plain_lora
 
@@ -68,7 +71,15 @@ def validate_targets(targets: list[Target], settings: ReportSettings, base_model
                 f"eig_k={settings.eig_k} is larger than the {settings.eig_space} space of "
                 f"{target.path} ({dim} dimensions): ask for at most {dim}"
             )
-        check_vocabulary(target, model, build_probe(target, settings, data, tokenizer))
+        probe = build_probe(target, settings, data, tokenizer)
+        check_vocabulary(target, model, probe)
+        check_labels(target, model, probe)
+        if settings.n is not None and probe.n_examples < settings.n:  # said, not silently recorded as asked
+            print(
+                f"flatlora: note: {target.name}: --examples {settings.n} but the {settings.split} split has "
+                f"{probe.n_examples}: measuring all {probe.n_examples}",
+                file=sys.stderr,
+            )
         del model
 
 
@@ -176,7 +187,15 @@ def merge_shards(out: str | Path) -> dict[str, Any]:
     files = sorted(out.glob(SHARD_GLOB))
     if not files:
         raise FlatLoraError(f"{out} holds no report shards: run flatlora report --shard i/n --out {out} first")
-    shards = [json.loads(f.read_text(encoding="utf-8")) for f in files]
+    shards = []
+    for f in files:
+        try:
+            shard = json.loads(f.read_text(encoding="utf-8"))
+            if not isinstance(shard, dict) or not {"shard", "settings", "targets", "entries"} <= set(shard):
+                raise ValueError("not a report shard")
+        except (OSError, UnicodeDecodeError, ValueError):
+            raise FlatLoraError(f"{f} is truncated or damaged: rerun that shard (--shard i/n) or delete it") from None
+        shards.append(shard)
     counts = {tuple(s["shard"])[1] for s in shards}
     if len(counts) != 1:
         raise FlatLoraError(f"{out} mixes shards of different splits ({sorted(counts)}): remove the stale ones")

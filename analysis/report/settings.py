@@ -54,33 +54,42 @@ class ReportSettings:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        """Each mistake refused in one line naming the command-line flag (and the field, for Python callers)."""
         if self.split not in ("train", "dev", "test"):
-            raise FlatLoraError(f"unknown split {self.split!r}: use train, dev or test")
-        if self.n is not None and (isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1):
+            raise FlatLoraError(f"unknown --split {self.split!r}: use train, dev or test")
+        if self.n is not None and not _whole(self.n, 1):
             raise FlatLoraError(
-                f"--examples must be a whole number >= 1 (or omitted for the whole split), got {self.n!r}"
+                f"--examples (n) must be a whole number >= 1, or all for the whole split; got {self.n!r}"
             )
+        if not self.rhos:
+            raise FlatLoraError("--rho (rhos) is empty: pass at least one radius, e.g. --rho 0.05")
         for rho in self.rhos:
             if not (isinstance(rho, (int, float)) and rho > 0 and math.isfinite(rho)):
-                raise FlatLoraError(f"rho must be a finite number > 0, got {rho!r}: pass positive radii to --rho")
+                raise FlatLoraError(f"--rho (rhos): rho must be a finite number > 0, got {rho!r}")
+        if not self.kinds:
+            raise FlatLoraError(f"--kinds is empty: name at least one of {', '.join(KINDS)}")
         unknown = [k for k in self.kinds if k not in KINDS]
         if unknown:
-            raise FlatLoraError(f"unknown sharpness kind {unknown[0]!r}: use one of {', '.join(KINDS)}")
-        for name in (self.space, self.eig_space):
+            raise FlatLoraError(f"--kinds: unknown sharpness kind {unknown[0]!r}: use one of {', '.join(KINDS)}")
+        for field_name, name in (("space", self.space), ("eig_space", self.eig_space)):
             if name not in SPACES:
-                raise FlatLoraError(f"unknown space {name!r}: use one of {', '.join(SPACES)}")
+                raise FlatLoraError(f"{_flag(field_name)}: unknown space {name!r}: use one of {', '.join(SPACES)}")
         for name in ("batch_size", "worst_steps", "average_samples", "eig_k", "density_runs"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise FlatLoraError(f"{name} must be a whole number >= 1, got {value!r}")
+            if not _whole(value, 1):
+                raise FlatLoraError(f"{_flag(name)} must be a whole number >= 1, got {value!r}")
         if self.average_samples < 2:
             raise FlatLoraError("average_samples must be >= 2 (a standard error needs two draws)")
-        if self.landscape_steps and self.landscape_steps < 2:
-            raise FlatLoraError(f"landscape_steps must be 0 (skip) or >= 2, got {self.landscape_steps}")
-        if self.trace_samples and self.trace_samples < 6:
-            raise FlatLoraError(f"trace_samples must be 0 (skip) or >= 6, got {self.trace_samples}")
-        if self.layers and self.layer_trace_samples < 6:
-            raise FlatLoraError(f"layer_trace_samples must be >= 6 (Hutch++), got {self.layer_trace_samples}")
+        if not (_whole(self.landscape_steps, 0) and self.landscape_steps != 1):
+            raise FlatLoraError(f"landscape_steps must be 0 (skip) or >= 2, got {self.landscape_steps!r}")
+        if not (_whole(self.trace_samples, 0) and (self.trace_samples == 0 or self.trace_samples >= 6)):
+            raise FlatLoraError(f"--trace-samples must be 0 (skip) or a whole number >= 6, got {self.trace_samples!r}")
+        if not (_whole(self.density_steps, 0) and self.density_steps != 1):
+            raise FlatLoraError(f"--density-steps must be 0 (skip) or a whole number >= 2, got {self.density_steps!r}")
+        if self.layers and not _whole(self.layer_trace_samples, 6):
+            raise FlatLoraError(f"layer_trace_samples must be >= 6 (Hutch++), got {self.layer_trace_samples!r}")
+        if not (isinstance(self.eig_tol, (int, float)) and 0 < self.eig_tol < 1):
+            raise FlatLoraError(f"eig_tol must lie in (0, 1), got {self.eig_tol!r}")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -115,6 +124,19 @@ class ReportSettings:
             data_options=data.options(),
             **self.probe_key(),
         )
+
+
+_FLAGS = {"n": "--examples", "eig_k": "--eig-k", "eig_space": "--eig-space", "batch_size": "--batch-size"}
+
+
+def _flag(name: str) -> str:
+    """The command-line flag of a settings field (``--eig-k (eig_k)``), or the field for Python-only ones."""
+    flag = _FLAGS.get(name, "--" + name.replace("_", "-") if name in ("space", "seed") else None)
+    return f"{flag} ({name})" if flag else name
+
+
+def _whole(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 PRESETS: dict[str, ReportSettings] = {

@@ -25,7 +25,7 @@ def few_shot_split(train: TextDataset, k: int, seed: int, dev_k: int | None = No
     the shuffled order, never overlap, and hold the pool's own example objects.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise FlatLoraError(f"k={k!r} examples per class is invalid: pass an integer k >= 1")
+        raise FlatLoraError(f"--shots {k!r} is invalid: pass a whole number k >= 1 of examples per class (or none)")
     dev_follows_k = dev_k is None
     dev_k = k if dev_k is None else dev_k
     if isinstance(dev_k, bool) or not isinstance(dev_k, int) or dev_k < 0:

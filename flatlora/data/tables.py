@@ -148,7 +148,7 @@ def _detect_text_columns(
             return candidate, text_pair_column
     raise FlatLoraError(
         f"no text column in {path} (columns found: {found}; looked for {', '.join(TEXT_COLUMNS)}):"
-        f" pass text_column=<the column holding the text>"
+        f" pass --text-column (text_column=) naming the column holding the text"
     )
 
 
@@ -157,7 +157,7 @@ def _require_label_column(table: _Table, label_column: str) -> None:
         found = ", ".join(table.columns) or "(none)"
         raise FlatLoraError(
             f"no label column {label_column!r} in {table.path} (columns found: {found}):"
-            f" pass label_column=<one of those columns>, or add a header row if the file has none"
+            f" pass --label-column (label_column=) naming one of those columns, or add a header row if it has none"
         )
 
 

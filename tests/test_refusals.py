@@ -185,7 +185,11 @@ def test_a_busy_port_is_refused_in_one_line(world, capsys):
 def test_the_readme_table_lists_tested_refusals(world, csv_file, tiny_model_dir):
     text = README.read_text()
     start = text.index("| command | input | message (one line, exit 2) |")
-    rows = [line for line in text[start:].splitlines()[2:] if line.startswith("|")]
+    rows = []
+    for line in text[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break  # the end of the table
+        rows.append(line)
     assert len(rows) >= 20
     tested = {(argv[0], fragment) for argv, fragment in cases(world, str(csv_file), tiny_model_dir)}
     tested |= {("app", "runs/demo does not exist"), ("app", "in use")}

@@ -395,7 +395,7 @@ def test_few_shot_split_k_too_large_names_class_and_largest_k() -> None:
     few_shot_split(pool, k=7, seed=1, dev_k=2)
     with pytest.raises(FlatLoraError, match="add examples of that class"):
         few_shot_split(pool_of({"a": 5, "empty": 0}), k=1, seed=1)
-    with pytest.raises(FlatLoraError, match="pass an integer k >= 1"):
+    with pytest.raises(FlatLoraError, match="--shots 0 is invalid: pass a whole number k >= 1"):
         few_shot_split(pool, k=0, seed=1)
     with pytest.raises(FlatLoraError, match="pass an integer dev_k >= 0"):
         few_shot_split(pool, k=1, seed=1, dev_k=-1)

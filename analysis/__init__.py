@@ -6,7 +6,7 @@ Every measure takes a peft LoRA model and a :class:`ProbeSet`, evaluates through
 
 from analysis.balance import BalanceResult, BalanceTrajectory, balance_trajectory, balancedness
 from analysis.correlation import CorrelationResult, correlate, correlation_table, granulated_kendall
-from analysis.ema_error import EmaErrorResult, ema_error_at_checkpoint, ema_error_series
+from analysis.ema_error import EmaErrorResult, ema_error_at_checkpoint, ema_error_series, ema_norm_ratio
 from analysis.guard import measuring
 from analysis.hessian import (
     DensityResult,
@@ -45,6 +45,7 @@ __all__ = [
     "balancedness",
     "ema_error_at_checkpoint",
     "ema_error_series",
+    "ema_norm_ratio",
     "hessian_operator",
     "hessian_trace",
     "layer_curvature",

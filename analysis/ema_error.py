@@ -190,3 +190,43 @@ def ema_error_at_checkpoint(
         },
         meta={"eps_b_norm": n_eps, "ema_norm": n_ema, "eval_mode": True},
     )
+
+
+def ema_norm_ratio(beta: float, cosine: float | np.ndarray, steps: int | None = None) -> float | np.ndarray:
+    """||e_bar|| / ||eps||: the norm an EMA of equal-norm directions keeps when they turn from step to step.
+
+    e_bar_t = beta e_bar_{t-1} + (1 - beta) eps_t with ||eps_t|| = 1 and a stationary rotation,
+    <eps_a, eps_b> = c^|a-b| (lag-1 cosine c, as ``eps_rotation_cosine`` measures). Then
+
+        ||e_bar_t||^2 = (1-beta)^2 sum_{i,j<t} beta^(i+j) c^|i-j|,
+
+    and as t -> infinity (i, j >= 0: the diagonal sum_i beta^(2i) = 1/(1-beta^2), each lag k >= 1
+    twice with sum_i beta^(2i+k) c^k = (beta c)^k / (1-beta^2), and sum_k (beta c)^k = beta c/(1-beta c))
+
+        ||e_bar||^2 = (1-beta)/(1+beta) * (1 + beta c)/(1 - beta c).
+
+    c = 1 gives 1 (no rotation, no shrinkage); c = 0 gives sqrt((1-beta)/(1+beta)), 0.229 at beta 0.9.
+
+    Args:
+        beta: EMA weight of the previous average, in [0, 1).
+        cosine: lag-1 cosine c in [-1, 1] (scalar or array).
+        steps: None for the stationary limit; else the t-step value from e_bar_0 = 0 (the warm-up).
+
+    Returns:
+        The ratio, shaped like ``cosine``.
+    """
+    if not 0 <= beta < 1:
+        raise FlatLoraError(f"beta must lie in [0, 1), got {beta}")
+    c = np.asarray(cosine, dtype=float)
+    if np.any(np.abs(c) > 1):
+        raise FlatLoraError("cosines must lie in [-1, 1]")
+    if steps is None:
+        value = np.sqrt((1 - beta) / (1 + beta) * (1 + beta * c) / (1 - beta * c))
+    else:
+        if steps < 1:
+            raise FlatLoraError(f"steps must be >= 1, got {steps}")
+        lag = np.abs(np.subtract.outer(np.arange(steps), np.arange(steps)))
+        weights = np.outer(beta ** np.arange(steps), beta ** np.arange(steps))
+        value = (1 - beta) * np.sqrt(np.array([np.sum(weights * ci**lag) for ci in np.atleast_1d(c).ravel()]))
+        value = value.reshape(c.shape)
+    return float(value) if value.ndim == 0 else value

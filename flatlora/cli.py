@@ -46,6 +46,7 @@ HELP = {
     "rho_schedule": "constant, linear or cosine from --rho to --rho-min",
     "rho_min": "final radius of a rho schedule",
     "beta": "eflat-lora: EMA weight of the previous average, in [0, 1)",
+    "ema_radius": "eflat-lora: ema applies the EMA itself (the paper's rule), rho applies it rescaled to radius rho",
     "norm": "flat-lora / eflat-lora: global (SAM's ball over all layers) or layer",
     "adaptive": "lora-sam: adaptive SAM (ASAM)",
     "diagnostics_every": "eflat-lora: run the Theorem-2 check every k steps (0: off)",
@@ -141,6 +142,7 @@ def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] =
                 "rho_schedule",
                 "rho_min",
                 "beta",
+                "ema_radius",
                 "norm",
                 "adaptive",
                 "diagnostics_every",
@@ -164,6 +166,8 @@ def _add_config_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] =
             group.add_argument("--no-chat-template", dest="chat_template", action="store_false", help=help_text)
         elif f.name == "task":
             group.add_argument(flag, choices=("classification", "causal-lm"), default=None, help=help_text)
+        elif f.name == "ema_radius":
+            group.add_argument(flag, choices=("ema", "rho"), default=default, help=f"{help_text} (default: ema)")
         elif f.name == "decoding":
             group.add_argument(flag, choices=("greedy", "e2e"), default=default, help=f"{help_text} (default: greedy)")
         elif f.name in ("num_beams", "max_new_tokens", "eval_batch_size"):

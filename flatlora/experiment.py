@@ -39,6 +39,7 @@ class TrainConfig:
     rho_schedule: str = "constant"
     rho_min: float = 0.0
     beta: float = 0.9
+    ema_radius: str = "ema"  # eflat-lora: ema (the paper's rule) or rho (e_bar applied rescaled to radius rho)
     norm: str = "global"
     adaptive: bool = False
     diagnostics_every: int = 0
@@ -84,6 +85,7 @@ class TrainConfig:
             "rho_schedule": self.rho_schedule,
             "rho_min": self.rho_min,
             "beta": self.beta,
+            "ema_radius": self.ema_radius,
             "norm": self.norm,
             "adaptive": self.adaptive,
             "diagnostics_every": self.diagnostics_every,
@@ -118,6 +120,8 @@ class TrainConfig:
         if self.method == "lora":  # rho and friends do not touch plain LoRA
             for key in ("rho", "rho_schedule", "rho_min", "beta", "norm", "adaptive", "diagnostics_every"):
                 out.pop(key)
+        if out.get("ema_radius") == "ema":  # the default: identities from before the option existed still match
+            out.pop("ema_radius")
         return out
 
     def data_spec(self) -> dict[str, Any]:
@@ -155,6 +159,10 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, name)
         if not (isinstance(value, int) and value >= 0):
             raise FlatLoraError(f"--{name.replace('_', '-')} must be a whole number >= 0 (0: off), got {value!r}")
+    if config.ema_radius not in ("ema", "rho"):
+        raise FlatLoraError(f"unknown --ema-radius {config.ema_radius!r}: use ema (the paper's rule) or rho")
+    if config.ema_radius != "ema" and config.method != "eflat-lora":
+        raise FlatLoraError(f"--ema-radius applies to eflat-lora, not {config.method}: drop it")
     if config.perturbation_sync not in PERTURBATION_SYNC:
         raise FlatLoraError(f"unknown --perturbation-sync {config.perturbation_sync!r}: use local or global")
     if not (config.lr > 0 and math.isfinite(config.lr)):

@@ -40,6 +40,14 @@ REALIZED_NORM = "realized_norm"
 """Norm of the full-weight perturbation actually applied, sqrt(sum_l ||s eps_B A||_F^2) (at most rho)."""
 TARGET_EPS_B_NORM = "target_eps_b_norm"
 """eflat-lora: ||eps_B_t||, the exact Flat-LoRA perturbation at the clean point that the EMA takes in."""
+REALIZED_RATIO = "realized_ratio"
+"""flat-lora / eflat-lora: realized_norm / rho, the share of its radius a step perturbs (absent when rho = 0)."""
+EPS_ROTATION_COSINE = "eps_rotation_cosine"
+"""flat-lora / eflat-lora: cos(eps_B_t, eps_B_{t-1}) over all layers, how far the exact perturbation turns per
+step (null on the first step); the lag-1 correlation that shrinks an EMA of unit directions."""
+EMA_COSINE = "ema_cosine"
+"""eflat-lora: cos(e_bar_{t-1}, eps_B_t), the EMA this step applies against the exact perturbation (the cheap
+part of the Theorem-2 check: no extra forward pass)."""
 NOISE_SCALE = "noise_scale"
 """rwp-lora: f_t * rho, the noise's standard deviation per unit of row norm ||W'_i|| / sqrt(n)."""
 BAR_COEFFICIENT_MEAN = "bar_coefficient_mean"
@@ -115,6 +123,9 @@ METHOD_KEYS: frozenset[str] = frozenset(
         EPS_B_NORM_PER_LAYER,
         REALIZED_NORM,
         TARGET_EPS_B_NORM,
+        REALIZED_RATIO,
+        EPS_ROTATION_COSINE,
+        EMA_COSINE,
         NOISE_SCALE,
         BAR_COEFFICIENT_MEAN,
         T2_CLEAN_LOSS,

@@ -12,6 +12,7 @@ from flatlora.methods.base import LossFn, RngSnapshot
 from flatlora.methods.flat import FlatLoRA
 
 EMA_KEY = "ema_perturbation"
+EMA_RADII = ("ema", "rho")
 
 
 class EFlatLoRA(FlatLoRA):
@@ -21,12 +22,29 @@ class EFlatLoRA(FlatLoRA):
     ``beta`` weights the previous average (PyTorch/Adam convention; one public implementation
     puts 0.9 on the new term instead). e_bar lives in the optimizer state, so a resumed run
     continues bit-identically. ``diagnostics_every=k`` runs the Theorem-2 check every k steps.
+
+    ``ema_radius="ema"`` applies e_bar itself (the paper's rule): an average of unit-radius
+    directions that turn from step to step is shorter than each, so the realized radius falls
+    below rho. ``ema_radius="rho"`` applies e_bar rescaled so that its full-weight size
+    ||s e_bar A|| is rho (over all layers, or per layer with ``norm="layer"``), keeping its
+    direction; e_bar itself keeps accumulating unscaled. Same cost per step; rho = 0 is LoRA.
     """
 
     name = "eflat-lora"
     two_pass = False
 
-    def __init__(self, model, base_optimizer=None, *, beta: float = 0.9, diagnostics_every: int = 0, **kwargs) -> None:
+    def __init__(
+        self,
+        model,
+        base_optimizer=None,
+        *,
+        beta: float = 0.9,
+        diagnostics_every: int = 0,
+        ema_radius: str = "ema",
+        **kwargs,
+    ) -> None:
+        if ema_radius not in EMA_RADII:
+            raise FlatLoraError(f"unknown ema_radius {ema_radius!r} (--ema-radius): use ema (the paper's rule) or rho")
         if not 0 <= beta < 1:
             raise FlatLoraError(f"beta must lie in [0, 1), got {beta}: 0.9 is the default")
         if diagnostics_every < 0:
@@ -34,6 +52,7 @@ class EFlatLoRA(FlatLoRA):
         super().__init__(model, base_optimizer, **kwargs)
         self.beta = beta
         self.diagnostics_every = diagnostics_every
+        self.ema_radius = ema_radius
 
     def ema(self, pair) -> torch.Tensor:
         """e_bar of one layer, shaped like its B; fp32 when B is half precision."""
@@ -45,11 +64,26 @@ class EFlatLoRA(FlatLoRA):
 
     def _perturbation(self, grads):
         emas = [self.ema(p) for p in self.pairs]
-        self._log_b_perturbation([e.flatten(1) for e in emas])
-        return [(p.B, e) for p, e in zip(self.pairs, emas)]
+        applied = emas if self.ema_radius == "ema" else self._at_radius(emas, self.rho)
+        self._log_b_perturbation([e.flatten(1) for e in applied])
+        return [(p.B, e) for p, e in zip(self.pairs, applied)]
+
+    def _at_radius(self, emas: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
+        """e_bar scaled to full-weight size rho (globally, or per layer under norm="layer"); zero stays zero."""
+        sq = self._realized_sq_norms([e.flatten(1) for e in emas])
+        sizes = sq.sqrt() if self.norm == "layer" else sq.sum().sqrt().expand_as(sq)
+        factors = torch.where(sizes > 0, rho / sizes.clamp_min(1e-300), torch.zeros_like(sizes))
+        return [e * f.to(e.dtype) for e, f in zip(emas, factors.to(emas[0].device))]
 
     def _before_update(self, rho: float) -> None:
         eps_Bs = self._eps_b(None, rho)
+        dot = n_ema = n_eps = 0.0
+        for pair, eps in zip(self.pairs, eps_Bs):
+            ema, new = self.ema(pair).double(), eps.reshape(pair.B.shape).double()
+            dot, n_ema, n_eps = dot + (ema * new).sum(), n_ema + ema.square().sum(), n_eps + new.square().sum()
+        if n_ema > 0 and n_eps > 0:  # e_bar_{t-1}, applied in this step's pass, against this step's exact eps_B
+            self._log[keys.EMA_COSINE] = dot / (n_ema.sqrt() * n_eps.sqrt())
+        self._log_rotation(eps_Bs)
         for pair, eps in zip(self.pairs, eps_Bs):
             self.ema(pair).mul_(self.beta).add_(eps.reshape(pair.B.shape), alpha=1 - self.beta)
         self._log[keys.TARGET_EPS_B_NORM] = torch.stack([e.float().norm().to(eps_Bs[0].device) for e in eps_Bs]).norm()
@@ -72,6 +106,8 @@ class EFlatLoRA(FlatLoRA):
             grads = torch.autograd.grad(clean, self.factor_params, allow_unused=True)
             eps = [e.reshape(p.B.shape) for p, e in zip(self.pairs, self._eps_b(grads, self.rho))]
             emas = [self.ema(p) for p in self.pairs]
+            if self.ema_radius == "rho":  # the perturbation the step applies
+                emas = self._at_radius(emas, self.rho)
             with torch.no_grad():
                 rng.restore()
                 loss_sam = self._loss_at(loss_fn, eps)

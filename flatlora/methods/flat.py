@@ -9,6 +9,8 @@ from flatlora.errors import FlatLoraError
 from flatlora.methods.base import LoRAMethod
 from flatlora.perturbation import NORMS, flat_lora_eps_b, realized_sq_norms
 
+PREVIOUS_KEY = "previous_eps_b"  # eps_B of the last step, per B: the rotation diagnostic's other end
+
 
 class FlatLoRA(LoRAMethod):
     """First pass at (A, B); second pass at (A, B + eps_B) with eps_B = (1/s) eps_W A^+.
@@ -36,18 +38,39 @@ class FlatLoRA(LoRAMethod):
         scalings = [p.scaling for p in self.pairs]
         return flat_lora_eps_b(As, Bs, grad_As, grad_Bs, scalings, rho, self.norm)
 
+    def _realized_sq_norms(self, eps_Bs: list[torch.Tensor]) -> torch.Tensor:
+        """||s eps_B A||_F^2 per layer (float64): the full-weight size of B perturbations."""
+        return realized_sq_norms(eps_Bs, [p.a_matrix for p in self.pairs], [p.scaling for p in self.pairs])
+
     def _log_b_perturbation(self, eps_Bs: list[torch.Tensor]) -> None:
         per_layer = torch.stack([e.float().norm().to(eps_Bs[0].device) for e in eps_Bs])
-        realized = realized_sq_norms(eps_Bs, [p.a_matrix for p in self.pairs], [p.scaling for p in self.pairs])
+        realized = self._realized_sq_norms(eps_Bs).sum().sqrt()
         self._log.update(
             {
                 keys.EPS_B_NORM: per_layer.square().sum().sqrt(),
                 keys.EPS_B_NORM_PER_LAYER: per_layer,
-                keys.REALIZED_NORM: realized.sum().sqrt(),
+                keys.REALIZED_NORM: realized,
             }
         )
+        if self.rho > 0:
+            self._log[keys.REALIZED_RATIO] = realized / self.rho
+
+    def _log_rotation(self, eps_Bs: list[torch.Tensor]) -> None:
+        """cos(eps_B_t, eps_B_{t-1}) over all layers; eps_B_t kept in the state for the next step (and resume)."""
+        dot = n_now = n_prev = 0.0
+        for pair, eps in zip(self.pairs, eps_Bs):
+            state = self.state[pair.B]
+            now = eps.detach().reshape(pair.B.shape).double()
+            prev = state.get(PREVIOUS_KEY)
+            if prev is not None:
+                dot, n_prev = dot + (prev.double() * now).sum(), n_prev + prev.double().square().sum()
+            n_now = n_now + now.square().sum()
+            state[PREVIOUS_KEY] = now.to(torch.float32 if pair.B.element_size() < 4 else pair.B.dtype)
+        if torch.is_tensor(dot) and n_prev > 0 and n_now > 0:
+            self._log[keys.EPS_ROTATION_COSINE] = dot / (n_prev.sqrt() * n_now.sqrt())
 
     def _perturbation(self, grads):
         eps_Bs = self._eps_b(grads, self.rho)
         self._log_b_perturbation(eps_Bs)
+        self._log_rotation(eps_Bs)
         return [(p.B, e) for p, e in zip(self.pairs, eps_Bs)]

@@ -122,7 +122,9 @@ def test_two_ranks_write_one_run_that_matches_one_process(tmp_path, csv_file, mi
                 # losses and accuracies to float32 rounding; perturbation norms go through r x r
                 # pseudo-inverses of a small B, which amplify that rounding
                 rel = 1e-5 if key.endswith(EXACT) else 1e-4
-                assert b[key] == pytest.approx(value, rel=rel, abs=1e-7), (a["step"], key)
+                # a cosine of two such vectors moves by their relative error, absolutely (3e-5 seen)
+                tol = 3e-4 if key.endswith("cosine") else 1e-7
+                assert b[key] == pytest.approx(value, rel=rel, abs=tol), (a["step"], key)
 
 
 def test_refusals_under_torchrun_end_both_ranks_with_the_same_line_and_exit_2(tmp_path, csv_file, model_dir):

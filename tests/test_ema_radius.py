@@ -138,3 +138,25 @@ def test_ema_norm_ratio_closed_form_against_its_sum_and_a_simulation():
     assert np.mean(norms[100:]) == pytest.approx(ema_norm_ratio(beta, c), rel=0.03)
     with pytest.raises(FlatLoraError):
         ema_norm_ratio(1.0, 0.5)
+
+
+def test_the_theorem2_study_script_runs_its_grid_and_tabulates_it(tmp_path, csv_file, tiny_model_dir, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "theorem2_study.py"
+    spec = importlib.util.spec_from_file_location("theorem2_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    argv = ["--data", str(csv_file), "--model", tiny_model_dir, "--seeds", "1", "--betas", "0.9", "--steps", "4",
+            "--shots", "4", "--batch-size", "4", "--test-cap", "none", "--out", str(tmp_path / "study")]  # fmt: skip
+    assert study.main(argv) == 0
+    printed = capsys.readouterr().out
+    for cell in ("lora", "flat-lora", "eflat-b0.9-ema", "eflat-b0.9-rho"):
+        assert f"| {cell} | 1 |" in printed
+    rows = {r["cell"]: r for r in json.loads((tmp_path / "study" / "study.json").read_text())["rows"]}
+    assert rows["eflat-b0.9-rho"]["realized_ratio"] == pytest.approx(1.0, rel=1e-3)  # the radius kept
+    assert rows["eflat-b0.9-ema"]["realized_ratio"] < 1.0 and rows["lora"]["realized_ratio"] is None
+    assert 0 < rows["eflat-b0.9-ema"]["predicted_ratio"] <= 1
+    assert study.main(argv) == 0  # finished runs are reused
+    assert capsys.readouterr().err == ""

@@ -1,0 +1,132 @@
+"""Does EFlat-LoRA's averaged perturbation shrink, and does keeping its radius close the gap to Flat-LoRA?
+
+Trains lora, flat-lora and eflat-lora for every beta x ema_radius (``ema``: the paper's rule,
+``rho``: the EMA rescaled to radius rho) over seeds, then prints per cell the test accuracy
+and loss (mean +- std over seeds), the realized perturbation norm over rho, the consecutive-step
+cosine of the exact perturbation, the EMA-norm share that cosine predicts for a stationary
+rotation (``analysis.ema_norm_ratio``), and cos(e_bar, eps_B) (the cheap part of Theorem 2).
+Finished runs in --out are reused, so an interrupted study resumes.
+
+    python benchmarks/theorem2_study.py --data ../shared/data/sst2 [--seeds 13,21,42,87,100]
+        [--betas 0.5,0.9] [--radii ema,rho] [--steps 200] [--out runs/theorem2]
+
+Writes OUT/study.json (one row per run) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def cells(betas: list[float], radii: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """(name, method options) of every cell: lora, flat-lora, then eflat-lora per beta x radius."""
+    out = [("lora", {"method": "lora"}), ("flat-lora", {"method": "flat-lora"})]
+    for beta in betas:
+        for radius in radii:
+            out.append((f"eflat-b{beta:g}-{radius}", {"method": "eflat-lora", "beta": beta, "ema_radius": radius}))
+    return out
+
+
+def median_of(records: list[dict[str, Any]], key: str, after: int = 0) -> float | None:
+    values = [r[key] for r in records if r.get("phase") == "train" and r.get(key) is not None and r["step"] > after]
+    return statistics.median(values) if values else None
+
+
+def run_row(run, options: dict[str, Any]) -> dict[str, Any]:
+    from analysis import ema_norm_ratio
+
+    records, steps = run.metrics, run.hparams.get("steps", 0)
+    half = steps // 2  # the second half of training: past the EMA's warm-up
+    rotation = median_of(records, "eps_rotation_cosine", half)
+    beta = options.get("beta")
+    return {
+        "run": run.path.name,
+        "method": run.method,
+        "beta": beta,
+        "ema_radius": options.get("ema_radius"),
+        "seed": run.hparams.get("seed"),
+        "test_accuracy": run.final.get("test_accuracy"),
+        "test_loss": run.final.get("test_loss"),
+        "realized_ratio": median_of(records, "realized_ratio", half),
+        "rotation_cosine": rotation,
+        "predicted_ratio": ema_norm_ratio(beta, max(-1.0, min(1.0, rotation)))
+        if beta is not None and rotation is not None
+        else None,
+        "ema_cosine": median_of(records, "ema_cosine", half),
+    }
+
+
+def _mean_std(values: list[float | None], scale: float = 1.0, digits: int = 4) -> str:
+    values = [v * scale for v in values if v is not None]
+    if not values:
+        return ""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}"
+
+
+def table(rows: list[dict[str, Any]], names: list[str]) -> str:
+    lines = [
+        "| cell | seeds | test accuracy (%) | test loss | realized / rho | rotation cos | predicted EMA share | "
+        "cos(e_bar, eps_B) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in names:
+        mine = [r for r in rows if r["cell"] == name]
+        if not mine:
+            continue
+        cols = [_mean_std([r["test_accuracy"] for r in mine], 100, 1), _mean_std([r["test_loss"] for r in mine])]
+        cols += [_mean_std([r[k] for r in mine], 1, 3) for k in ("realized_ratio", "rotation_cosine")]
+        cols += [_mean_std([r[k] for r in mine], 1, 3) for k in ("predicted_ratio", "ema_cosine")]
+        lines.append(f"| {name} | {len(mine)} | " + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="tweets", help="as flatlora train --data (default: tweets)")
+    parser.add_argument("--model", default=None, help="as flatlora train --model (default: the bundled MiniLM)")
+    parser.add_argument("--seeds", default="13,21,42,87,100")
+    parser.add_argument("--betas", default="0,0.5,0.9,0.99")
+    parser.add_argument("--radii", default="ema,rho")
+    parser.add_argument("--rho", type=float, default=0.05)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--shots", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--test-cap", default="auto")
+    parser.add_argument("--out", default="runs/theorem2")
+    args = parser.parse_args(argv)
+
+    from flatlora.atomic import atomic_write_json
+    from flatlora.experiment import TrainConfig, train_run
+    from flatlora.runs import load_run
+
+    seeds = [int(s) for s in args.seeds.split(",")]
+    betas = [float(b) for b in args.betas.split(",")]
+    radii = [r.strip() for r in args.radii.split(",")]
+    test_cap = None if args.test_cap == "none" else args.test_cap if args.test_cap == "auto" else int(args.test_cap)
+    out = Path(args.out)
+    grid = cells(betas, radii)
+    rows = []
+    for name, options in grid:
+        for seed in seeds:
+            folder = out / f"{name}-seed{seed}"
+            config = TrainConfig(data=args.data, model=args.model, shots=args.shots, steps=args.steps, seed=seed,
+                                 rho=args.rho, batch_size=args.batch_size, test_cap=test_cap, log_every=1,
+                                 save_every=args.steps, progress=False, **options)  # fmt: skip
+            if (folder / "run.json").exists() and load_run(folder).status == "done":
+                run = load_run(folder)
+            else:
+                print(f"theorem2 study: {folder.name}", file=sys.stderr, flush=True)
+                run = train_run(config, folder, overwrite=True)
+            rows.append({"cell": name, **run_row(run, options)})
+    atomic_write_json(out / "study.json", {"settings": vars(args), "rows": rows})
+    print(table(rows, [name for name, _ in grid]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/hessian.py
 	$(BIN)/python benchmarks/landscape.py
 	$(BIN)/python benchmarks/llm_step_time.py
+	$(BIN)/python benchmarks/llm_report_cost.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

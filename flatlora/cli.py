@@ -80,7 +80,9 @@ class Parser(argparse.ArgumentParser):
     """argparse with the CLI's one-line refusals: ``flatlora <command>: error: ...`` and exit 2, no usage block."""
 
     def error(self, message: str):
-        self.exit(2, f"flatlora: error: {self.prog.removeprefix('flatlora ')}: {message} (see {self.prog} --help)\n")
+        command = self.prog.removeprefix("flatlora").strip()
+        where = f"{command}: " if command else ""
+        self.exit(2, f"flatlora: error: {where}{message} (see {self.prog} --help)\n")
 
 
 def _comma_list(cast, what: str, low: float | None = None, strict: bool = False):

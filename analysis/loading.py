@@ -8,6 +8,7 @@ the way ``flatlora train`` built it, offline where the base model is the bundled
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,7 +75,17 @@ def resolve_targets(paths: list[str | Path]) -> list[Target]:
                     f"{path} holds no run (run.json) and no adapter (adapter_config.json): "
                     "pass a run directory, a peft adapter folder, or a folder of runs"
                 )
-            targets += [_run_target(r.path) for r in runs]
+            unfinished = [r.path.name for r in runs if r.status != "done"]
+            if unfinished:  # a sweep in progress: its finished runs are measured, the others named
+                print(
+                    f"flatlora: note: {path}: skipping {len(unfinished)} unfinished run(s): {', '.join(unfinished[:5])}"
+                    + (" ..." if len(unfinished) > 5 else ""),
+                    file=sys.stderr,
+                )
+            finished = [r for r in runs if r.status == "done"]
+            if not finished:
+                raise FlatLoraError(f"{path} holds no finished run yet ({len(runs)} unfinished): let them finish first")
+            targets += [_run_target(r.path) for r in finished]
         else:
             raise FlatLoraError(f"{path} is a file: pass a run directory, an adapter folder or a folder of runs")
     seen, unique = set(), []

@@ -239,3 +239,17 @@ def test_a_signal_to_flatlora_app_ends_its_server(world, sig):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_folder_with_an_unfinished_run_measures_the_finished_ones_and_names_the_rest(world, tmp_path, capsys):
+    folder = tmp_path / "sweep"
+    shutil.copytree(world / "runs" / "lora-seed1", folder / "lora-seed1")
+    shutil.copytree(world / "bad" / "running", folder / "running")
+    from analysis.loading import resolve_targets
+
+    targets = resolve_targets([folder])
+    assert [t.name for t in targets] == ["lora-seed1"]
+    assert "skipping 1 unfinished run(s): running" in capsys.readouterr().err
+    shutil.rmtree(folder / "lora-seed1")
+    assert run_cli(["report", str(folder), "--out", str(tmp_path / "R"), "--quick"]) == 2
+    assert "holds no finished run yet" in capsys.readouterr().err

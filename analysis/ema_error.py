@@ -136,7 +136,7 @@ def ema_error_at_checkpoint(
     rho = RhoSchedule(h.get("rho", 0.05), h.get("rho_schedule", "constant"), h.get("rho_min", 0.0), h.get("steps"))(
         int(own["steps_done"])
     )
-    model, _ = load_model(Target("run", run.path, run.adapter_path or folder), adapter=folder, device=device)
+    model, _ = load_model(Target("run", run.path, run.adapter_path or folder, run), adapter=folder, device=device)
     probe = probe if probe is not None else ProbeSet.from_run(run, "train")
     with measuring(model, device) as dev:
         pairs = find_lora_pairs(model)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,15 +25,21 @@ class Target:
     kind: str  # "run" | "adapter"
     path: Path
     adapter: Path
+    loaded: Any = field(default=None, compare=False, repr=False)  # the Run, read once (run.json, metrics.jsonl)
 
     @property
     def name(self) -> str:
         return self.path.name
 
     def run(self):
-        from flatlora.runs import load_run
+        """The run (None for a bare adapter), read on first use and kept: measures ask for it often."""
+        if self.kind != "run":
+            return None
+        if self.loaded is None:
+            from flatlora.runs import load_run
 
-        return load_run(self.path) if self.kind == "run" else None
+            object.__setattr__(self, "loaded", load_run(self.path))
+        return self.loaded
 
     def content_hash(self) -> str:
         """sha256 of the adapter's config and weight files: a cache key that changes with the adapter."""
@@ -115,7 +122,7 @@ def _run_target(path: Path) -> Target:
         )
     run.metrics  # noqa: B018  (a damaged metrics.jsonl is refused here, before any measure)
     read_adapter_config(run.adapter_path)
-    return Target("run", path, run.adapter_path)
+    return Target("run", path, run.adapter_path, run)
 
 
 def default_device() -> torch.device:

@@ -10,6 +10,7 @@ so batches of uneven rows and lengths do not bias it either.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -55,13 +56,17 @@ def _base_model(model: torch.nn.Module) -> torch.nn.Module:
 
 def takes_logits_mask(model: torch.nn.Module) -> bool:
     """Whether the (peft-wrapped) causal LM's forward takes ``logits_to_keep`` (transformers >= 4.50 LMs do)."""
+    cls = type(_base_model(model))
+    return cls not in _NO_MASK and _forward_takes_logits_to_keep(cls)
+
+
+@functools.cache
+def _forward_takes_logits_to_keep(cls: type) -> bool:
+    """Per model class, once: every probe batch of every product asks."""
     import inspect
 
-    base = _base_model(model)
-    if type(base) in _NO_MASK:
-        return False
     try:
-        return "logits_to_keep" in inspect.signature(base.forward).parameters
+        return "logits_to_keep" in inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):
         return False
 

@@ -221,3 +221,9 @@ def check_labels(target, model, probe) -> None:
             f"the probe data of {target.path} has labels up to {top} ({top + 1} classes) but the adapter's head "
             f"has {heads} classes: measure it on data with its own {heads} classes"
         )
+
+
+def check_probe_fits(target, model, probe) -> None:
+    """Both checks of a probe against the model it measures: token ids in its vocabulary, labels in its head."""
+    check_vocabulary(target, model, probe)
+    check_labels(target, model, probe)

@@ -204,23 +204,15 @@ def probe_data(args: argparse.Namespace):
     """The ``--data`` options of report/landscape as an :class:`analysis.probe_data.ProbeData`."""
     from analysis.probe_data import ProbeData
 
-    return ProbeData(
-        spec=args.data,
-        task=args.task,
-        text_column=args.text_column,
-        label_column=args.label_column,
-        prompt_column=args.prompt_column,
-        target_column=args.target_column,
-        chat_template=args.chat_template,
-        max_length=args.max_length,
-    )
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(ProbeData) if f.name != "spec"}
+    return ProbeData(spec=args.data, **options)
 
 
 def _landscape(args: argparse.Namespace) -> int:
     from analysis.landscape import cached_landscape, interpolate, landscape_1d, landscape_2d, symmetric_grid
     from analysis.landscape.store import landscape_key, landscape_settings
     from analysis.loading import load_model
-    from analysis.probe_data import build_target_probe, check_labels, check_vocabulary
+    from analysis.probe_data import build_target_probe, check_probe_fits
     from flatlora.atomic import check_writable
 
     quiet_transformers()
@@ -250,8 +242,7 @@ def _landscape(args: argparse.Namespace) -> int:
 
         adapter_tensors(model, other)  # refuses an adapter of another base model before any work
     probe = build_target_probe(target, data, tokenizer, split=args.split, n=args.n, batch_size=args.batch_size)
-    check_vocabulary(target, model, probe)
-    check_labels(target, model, probe)
+    check_probe_fits(target, model, probe)
     _init_distributed()
     rank = int(os.environ.get("RANK", "0"))
     bars = ProgressBars(args.progress and rank == 0)
@@ -349,6 +340,7 @@ def app_command(runs: str, port: int, host: str) -> list[str]:
 
 def app_address(host: str, port: int) -> int:
     """Check that the dashboard can listen on host:port and return the port (a free one for 0); one-line refusals."""
+    import errno
     import socket
 
     if isinstance(port, bool) or not 0 <= port <= 65535:
@@ -364,7 +356,7 @@ def app_address(host: str, port: int) -> int:
         except PermissionError:
             raise FlatLoraError(f"--port {port} needs privileges here: use a port above 1023") from None
         except OSError as err:
-            if err.errno == 98 or "in use" in str(err):
+            if err.errno == errno.EADDRINUSE:
                 raise FlatLoraError(
                     f"port {port} on {host} is in use: pass another --port, or stop what listens there"
                 ) from None

@@ -220,6 +220,7 @@ def train_run(config: TrainConfig, out: str | Path, *, resume: bool = False, ove
     from transformers.utils import logging as hf_logging
 
     from flatlora import distributed
+    from flatlora.atomic import check_writable
     from flatlora.experiment_lm import resolve_task
     from flatlora.methods import make_method
     from flatlora.run_callbacks import RunDirCallback, read_books, show_progress
@@ -241,7 +242,7 @@ def train_run(config: TrainConfig, out: str | Path, *, resume: bool = False, ove
         # Every rank resumes from the same checkpoint (read before rank 0 writes anything).
         checkpoint = latest_checkpoint(Path(out) / "checkpoint") if resume else None
         args = training_arguments(config, out, has_dev="dev" in setup["eval"])
-        _check_writable(out)
+        check_writable(out, folder=False)  # a file at --out itself gets RunDir's own refusal
     run = RunDir.create(out, **identity, resume=resume, overwrite=overwrite) if distributed.is_main() else None
     if run is not None:
         run.update(task=config.task, **setup["extra"])
@@ -294,13 +295,6 @@ def train_run(config: TrainConfig, out: str | Path, *, resume: bool = False, ove
             run.fail(message if not isinstance(err, KeyboardInterrupt) else "interrupted")
         raise
     return load_run(out) if run is not None else None
-
-
-def _check_writable(out: str | Path) -> None:
-    """--out must be creatable: its first existing ancestor a writable folder (checked before any rank writes)."""
-    from flatlora.atomic import check_writable
-
-    check_writable(out, folder=False)  # a file at --out itself gets RunDir's own refusal
 
 
 def _classification_setup(config: TrainConfig) -> dict[str, Any]:

@@ -197,6 +197,14 @@ def flat_lora_eps_b(
     return eps_Bs
 
 
+def cosine(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """cos(x, y) of two perturbations given per layer (x_l, y_l same shapes), in float64; None if either is 0."""
+    dot = sum((x.detach().double() * y.detach().double()).sum() for x, y in zip(xs, ys))
+    nx = torch.stack([x.detach().double().norm() for x in xs]).norm()
+    ny = torch.stack([y.detach().double().norm() for y in ys]).norm()
+    return dot / (nx * ny) if nx > 0 and ny > 0 else None
+
+
 def realized_sq_norms(
     eps_Bs: Sequence[torch.Tensor], As: Sequence[torch.Tensor], scalings: Sequence[float]
 ) -> torch.Tensor:

@@ -10,11 +10,10 @@ from analysis_fixtures import train_tiny_causal_runs, write_pairs_csv
 
 pytest.importorskip("streamlit")
 pytest.importorskip("gguf", reason="causal-LM tests use the default LLM's tokenizer (pip install gguf)")
-from streamlit.testing.v1 import AppTest
+from test_app import app_on, fresh_caches  # noqa: F401  (fresh_caches: autouse here too)
+from test_app import chart_specs as specs
 
 from flatlora import cli
-
-MAIN = str(Path(__file__).parents[1] / "app" / "main.py")
 
 
 @pytest.fixture(scope="module")
@@ -26,27 +25,6 @@ def causal_folder(tmp_path_factory, tiny_gpt2_dir):
             "--no-progress"]  # fmt: skip
     assert cli.main(argv) == 0
     return runs
-
-
-@pytest.fixture(autouse=True)
-def fresh_caches():
-    from app.loaders import clear_caches
-
-    clear_caches()
-    yield
-    clear_caches()
-
-
-def app_on(folder, monkeypatch) -> AppTest:
-    monkeypatch.setenv("FLATLORA_RUNS_DIR", str(folder))
-    at = AppTest.from_file(MAIN, default_timeout=180)
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
-def specs(at) -> list[dict]:
-    return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
 
 
 def test_runs_page_lists_causal_runs_with_perplexity_bleu_and_generations(causal_folder, monkeypatch):

@@ -55,7 +55,7 @@ def validate_targets(targets: list[Target], settings: ReportSettings, base_model
     plain LoRA on a float base), and ``eig_k`` is at most the Hessian space's dimension.
     """
     from analysis.loading import load_model
-    from analysis.probe_data import check_labels, check_vocabulary
+    from analysis.probe_data import check_probe_fits
     from analysis.spaces import build_space
     from flatlora.lora import find_lora_pairs, require_plain_lora
 
@@ -72,8 +72,7 @@ def validate_targets(targets: list[Target], settings: ReportSettings, base_model
                 f"{target.path} ({dim} dimensions): ask for at most {dim}"
             )
         probe = build_probe(target, settings, data, tokenizer)
-        check_vocabulary(target, model, probe)
-        check_labels(target, model, probe)
+        check_probe_fits(target, model, probe)
         if settings.n is not None and probe.n_examples < settings.n:  # said, not silently recorded as asked
             print(
                 f"flatlora: note: {target.name}: --examples {settings.n} but the {settings.split} split has "

@@ -127,12 +127,12 @@ class ReportSettings:
 
 
 _FLAGS = {"n": "--examples", "eig_k": "--eig-k", "eig_space": "--eig-space", "batch_size": "--batch-size"}
+_FLAGS |= {"space": "--space", "seed": "--seed"}
 
 
 def _flag(name: str) -> str:
     """The command-line flag of a settings field (``--eig-k (eig_k)``), or the field for Python-only ones."""
-    flag = _FLAGS.get(name, "--" + name.replace("_", "-") if name in ("space", "seed") else None)
-    return f"{flag} ({name})" if flag else name
+    return f"{_FLAGS[name]} ({name})" if name in _FLAGS else name
 
 
 def _whole(value: Any, low: int) -> bool:

@@ -10,6 +10,7 @@ from flatlora import log_keys as keys
 from flatlora.errors import FlatLoraError
 from flatlora.methods.base import LossFn, RngSnapshot
 from flatlora.methods.flat import FlatLoRA
+from flatlora.perturbation import cosine
 
 EMA_KEY = "ema_perturbation"
 EMA_RADII = ("ema", "rho")
@@ -77,12 +78,10 @@ class EFlatLoRA(FlatLoRA):
 
     def _before_update(self, rho: float) -> None:
         eps_Bs = self._eps_b(None, rho)
-        dot = n_ema = n_eps = 0.0
-        for pair, eps in zip(self.pairs, eps_Bs):
-            ema, new = self.ema(pair).double(), eps.reshape(pair.B.shape).double()
-            dot, n_ema, n_eps = dot + (ema * new).sum(), n_ema + ema.square().sum(), n_eps + new.square().sum()
-        if n_ema > 0 and n_eps > 0:  # e_bar_{t-1}, applied in this step's pass, against this step's exact eps_B
-            self._log[keys.EMA_COSINE] = dot / (n_ema.sqrt() * n_eps.sqrt())
+        # e_bar_{t-1}, applied in this step's pass, against this step's exact eps_B
+        cos = cosine([self.ema(p) for p in self.pairs], [e.reshape(p.B.shape) for p, e in zip(self.pairs, eps_Bs)])
+        if cos is not None:
+            self._log[keys.EMA_COSINE] = cos
         self._log_rotation(eps_Bs)
         for pair, eps in zip(self.pairs, eps_Bs):
             self.ema(pair).mul_(self.beta).add_(eps.reshape(pair.B.shape), alpha=1 - self.beta)

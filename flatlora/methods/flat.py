@@ -7,7 +7,7 @@ import torch
 from flatlora import log_keys as keys
 from flatlora.errors import FlatLoraError
 from flatlora.methods.base import LoRAMethod
-from flatlora.perturbation import NORMS, flat_lora_eps_b, realized_sq_norms
+from flatlora.perturbation import NORMS, cosine, flat_lora_eps_b, realized_sq_norms
 
 PREVIOUS_KEY = "previous_eps_b"  # eps_B of the last step, per B: the rotation diagnostic's other end
 
@@ -57,17 +57,14 @@ class FlatLoRA(LoRAMethod):
 
     def _log_rotation(self, eps_Bs: list[torch.Tensor]) -> None:
         """cos(eps_B_t, eps_B_{t-1}) over all layers; eps_B_t kept in the state for the next step (and resume)."""
-        dot = n_now = n_prev = 0.0
-        for pair, eps in zip(self.pairs, eps_Bs):
-            state = self.state[pair.B]
-            now = eps.detach().reshape(pair.B.shape).double()
-            prev = state.get(PREVIOUS_KEY)
-            if prev is not None:
-                dot, n_prev = dot + (prev.double() * now).sum(), n_prev + prev.double().square().sum()
-            n_now = n_now + now.square().sum()
-            state[PREVIOUS_KEY] = now.to(torch.float32 if pair.B.element_size() < 4 else pair.B.dtype)
-        if torch.is_tensor(dot) and n_prev > 0 and n_now > 0:
-            self._log[keys.EPS_ROTATION_COSINE] = dot / (n_prev.sqrt() * n_now.sqrt())
+        now = [eps.detach().reshape(pair.B.shape) for pair, eps in zip(self.pairs, eps_Bs)]
+        prev = [self.state[pair.B].get(PREVIOUS_KEY) for pair in self.pairs]
+        if all(p is not None for p in prev):
+            cos = cosine(prev, now)
+            if cos is not None:
+                self._log[keys.EPS_ROTATION_COSINE] = cos
+        for pair, eps in zip(self.pairs, now):
+            self.state[pair.B][PREVIOUS_KEY] = eps.to(torch.float32 if pair.B.element_size() < 4 else pair.B.dtype)
 
     def _perturbation(self, grads):
         eps_Bs = self._eps_b(grads, self.rho)

@@ -29,7 +29,15 @@ from flatlora.errors import FlatLoraError
 
 AXES = ("method", "rho_train", "lr", "seed")
 TARGETS = ("test_accuracy", "test_loss", "gap", "test_perplexity", "test_bleu")
-MEASURE_PREFIXES = ("sharpness_", "lambda_max", "trace", "balancedness")
+MEASURE_PREFIXES = (
+    "sharpness_",
+    "adaptive_sharpness",
+    "pac_bayes_flatness",
+    "relative_flatness",
+    "lambda_max",
+    "trace",
+    "balancedness",
+)
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,11 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _flatness_list(text: str) -> tuple[str, ...]:
+    names = tuple(k.strip() for k in text.split(",") if k.strip())
+    return () if names == ("none",) else names
+
+
 def report_settings(args: argparse.Namespace):
     """The report's settings: the chosen preset with what the command line set explicitly."""
     from analysis.report import preset
@@ -111,6 +116,7 @@ def report_settings(args: argparse.Namespace):
         batch_size=args.batch_size,
         rhos=tuple(args.rho) if args.rho else None,
         kinds=None if args.kinds is None else tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
+        flatness=None if args.flatness is None else _flatness_list(args.flatness),
         space=args.space,
         eig_k=args.eig_k,
         eig_space=args.eig_space,
@@ -475,6 +481,10 @@ def add_measure_commands(sub: argparse._SubParsersAction) -> None:
     report.add_argument("--batch-size", type=int, default=None, help="probe batch size (default: the preset's)")
     report.add_argument("--rho", type=_floats, help="sharpness radii, comma-separated (default 0.05)")
     report.add_argument("--kinds", help="sharpness kinds, comma-separated (default sam,worst,average,flat-lora)")
+    report.add_argument(
+        "--flatness",
+        help="the literature's measures, comma-separated, or none (default adaptive-worst,pac-bayes,relative)",
+    )
     report.add_argument("--space", default=None, help="sharpness space: merged (default), lora, b, all")
     report.add_argument("--eig-k", type=int, default=None, help="top Hessian eigenvalues (default: the preset's)")
     report.add_argument("--eig-space", default=None, help="Hessian space: lora (default), b, merged, all")

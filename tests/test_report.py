@@ -105,6 +105,10 @@ def test_command_line_presets_keep_their_own_sizes_unless_an_option_overrides_th
     args = parser.parse_args(["report", "runs", "--out", "o", "--full", "--batch-size", "16", "--examples", "all"])
     settings = report_settings(args)
     assert (settings.batch_size, settings.n, settings.layers) == (16, None, True)
+    args = parser.parse_args(["report", "runs", "--out", "o", "--flatness", "none"])
+    assert report_settings(args).flatness == ()
+    args = parser.parse_args(["report", "runs", "--out", "o", "--quick", "--flatness", "relative, pac-bayes"])
+    assert report_settings(args).flatness == ("relative", "pac-bayes")
     with pytest.raises(FlatLoraError, match="layer_trace_samples must be >= 6"):
         preset("full", layer_trace_samples=3)
 
@@ -124,10 +128,17 @@ def test_report_on_a_runs_folder_writes_every_file(runs, tmp_path, capsys):
         worst = next(s for s in e["sharpness"] if s["kind"] == "worst")
         sam = next(s for s in e["sharpness"] if s["kind"] == "sam")
         assert worst["value"] >= sam["value"]
+        flat = e["flatness"]
+        assert set(flat) == {"adaptive-worst", "pac-bayes", "relative"}
+        assert flat["adaptive-worst"]["settings"]["logit_normalization"] and flat["adaptive-worst"]["rho"] == 0.001
+        assert flat["pac-bayes"]["value"] == pytest.approx(1 / flat["pac-bayes"]["sigma"] ** 2)
+        assert flat["relative"]["value"] > 0 and "classifier" in flat["relative"]["layer"]
+    measures = {c["measure"] for c in report["correlation"]["rows"]}
+    assert {"adaptive_sharpness_rho0.001", "pac_bayes_flatness", "relative_flatness"} <= measures
     eflat = report["entries"][0]
     assert eflat["ema_error"]["log"]["source"] == "log" and eflat["ema_error"]["checkpoint"]["source"] == "checkpoint"
     csv_lines = (out / "report.csv").read_text().splitlines()
-    assert len(csv_lines) == 4 and "lambda_max" in csv_lines[0]
+    assert len(csv_lines) == 4 and "lambda_max" in csv_lines[0] and "relative_flatness" in csv_lines[0]
     assert "| eflat-lora-seed1 |" in (out / "report.md").read_text()
     page = (out / "report.html").read_text()
     assert page.count("plotly.js") >= 1 and "Sharpness" in page and "<script" in page

@@ -131,6 +131,34 @@ def _landscape_1d(target, run, s: ReportSettings, data, lazy, cached, cb, device
     return cached("landscape-1d", opts, lambda: cached_landscape(run.path / "analysis", key, compute)[0])
 
 
+def _flatness(task: str, s: ReportSettings, lazy, cached, cb, device) -> dict[str, Any]:
+    """The literature's flatness measures of ``s.flatness`` that apply to ``task`` (name -> result)."""
+    from analysis import flatness
+    from analysis.probe_data import CAUSAL_LM
+
+    out: dict[str, Any] = {}
+    for name in s.flatness:
+        if name in ("adaptive-worst", "relative") and task == CAUSAL_LM:
+            continue  # both are defined on a classifier's logits
+        if name == "adaptive-worst":
+            opts = {"rho": s.adaptive_rho, "norm": "linf", "space": s.space, "steps": s.worst_steps, "seed": s.seed}
+            compute = lambda: flatness.adaptive_sharpness(  # noqa: E731
+                lazy.model, lazy.probe, s.adaptive_rho, space=s.space, steps=s.worst_steps, seed=s.seed,
+                device=device, progress=cb("adaptive sharpness"),
+            )  # fmt: skip
+        elif name == "pac-bayes":
+            opts = {"target": s.pac_bayes_target, "samples": s.pac_bayes_samples, "space": s.space, "seed": s.seed}
+            compute = lambda: flatness.pac_bayes_flatness(  # noqa: E731
+                lazy.model, lazy.probe, s.pac_bayes_target, space=s.space, samples=s.pac_bayes_samples,
+                seed=s.seed, device=device, progress=cb("PAC-Bayes flatness"),
+            )  # fmt: skip
+        else:
+            opts = {}
+            compute = lambda: flatness.relative_flatness(lazy.model, lazy.probe, device=device)  # noqa: E731
+        out[name] = cached(f"flatness-{name}", opts, compute)
+    return out
+
+
 def measure_target(
     target: Target,
     settings: ReportSettings,
@@ -212,6 +240,9 @@ def measure_target(
                 progress=cb(f"sharpness {kind}"),
             ),
         )
+    flatness = _flatness(entry["task"], s, lazy, cached, cb, device)
+    if flatness:
+        entry["flatness"] = flatness
     hess: dict[str, Any] = {}
     opts = {"k": s.eig_k, "tol": s.eig_tol, "space": s.eig_space, "seed": s.seed}
     hess["top_eigenvalues"] = cached(

@@ -44,6 +44,12 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                 row["probe_perplexity"] = math.exp(clean) if clean < 700 else math.inf
         for s in e.get("sharpness", []):
             row[f"sharpness_{s['kind']}_rho{s['rho']:g}"] = s["value"]
+        flat = e.get("flatness") or {}
+        if flat.get("adaptive-worst"):
+            row[f"adaptive_sharpness_rho{flat['adaptive-worst']['rho']:g}"] = flat["adaptive-worst"]["value"]
+        for name, column in (("pac-bayes", "pac_bayes_flatness"), ("relative", "relative_flatness")):
+            if flat.get(name):
+                row[column] = flat[name]["value"]
         hess = e.get("hessian", {})
         if hess.get("top_eigenvalues"):
             row["lambda_max"] = hess["top_eigenvalues"]["eigenvalues"][0]
@@ -98,7 +104,8 @@ def to_markdown(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"{len(rows)} adapter(s); preset `{s['preset']}`; probe: {s['split']} split, n = {s['n']}, "
         f"batch {s['batch_size']}; sharpness space `{s['space']}` at rho {', '.join(f'{r:g}' for r in s['rhos'])}; "
         f"Hessian space `{s['eig_space']}` (k = {s['eig_k']}, tol {s['eig_tol']:g}, trace {s['trace_samples']} "
-        "Hutch++ products).",
+        "Hutch++ products)"
+        + (f"; literature measures: {', '.join(s['flatness'])}." if s.get("flatness") else "."),
         "",
         "| " + " | ".join(cols) + " |",
         "|" + "|".join("---" if c in ("name", "method") else "---:" for c in cols) + "|",

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from analysis.flatness import FLATNESS
 from analysis.results import cache_key  # noqa: F401  (re-exported for the report modules)
 from analysis.sharpness import KINDS
 from analysis.spaces import SPACES
@@ -26,6 +27,12 @@ class ReportSettings:
         layers, layer_trace_samples: per-layer top eigenvalue and trace (Hutch++ products per layer).
         landscape_steps, landscape_span: a 1-D landscape along a filter-normalized Gaussian
             direction of the sharpness space (0 steps: skip); saved in a run's analysis/ too.
+        flatness: the literature's measures (``analysis.flatness``): ``adaptive-worst``
+            (adaptive l-inf worst-case sharpness with logit normalization at radius
+            ``adaptive_rho``, ``worst_steps`` ascent steps; classifiers), ``pac-bayes``
+            (1 / sigma^2 for a mean loss increase of ``pac_bayes_target``, ``pac_bayes_samples``
+            antithetic pairs) and ``relative`` (kappa_Tr of the logit layer; classifiers). A
+            measure that does not apply to an adapter's task is left out of its entry.
         ema_checkpoint: recompute the Theorem-2 error at the latest checkpoint of eflat-lora runs.
         seed: of every random draw.
     """
@@ -49,6 +56,10 @@ class ReportSettings:
     layer_trace_samples: int = 12
     landscape_steps: int = 21
     landscape_span: float = 1.0
+    flatness: tuple[str, ...] = FLATNESS
+    adaptive_rho: float = 0.001
+    pac_bayes_target: float = 0.1
+    pac_bayes_samples: int = 4
     ema_checkpoint: bool = True
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -88,18 +99,28 @@ class ReportSettings:
             raise FlatLoraError(f"--density-steps must be 0 (skip) or a whole number >= 2, got {self.density_steps!r}")
         if self.layers and not _whole(self.layer_trace_samples, 6):
             raise FlatLoraError(f"layer_trace_samples must be >= 6 (Hutch++), got {self.layer_trace_samples!r}")
+        unknown = [m for m in self.flatness if m not in FLATNESS]
+        if unknown:
+            raise FlatLoraError(f"--flatness: unknown measure {unknown[0]!r}: use {', '.join(FLATNESS)} or none")
+        for name in ("adaptive_rho", "pac_bayes_target"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf):
+                raise FlatLoraError(f"{name} must be a finite number > 0, got {value!r}")
+        if not _whole(self.pac_bayes_samples, 2):
+            raise FlatLoraError(f"pac_bayes_samples must be a whole number >= 2, got {self.pac_bayes_samples!r}")
         if not (isinstance(self.eig_tol, (int, float)) and 0 < self.eig_tol < 1):
             raise FlatLoraError(f"eig_tol must lie in (0, 1), got {self.eig_tol!r}")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["rhos"], out["kinds"] = list(self.rhos), list(self.kinds)
+        out["rhos"], out["kinds"], out["flatness"] = list(self.rhos), list(self.kinds), list(self.flatness)
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReportSettings:
         data = dict(data)
         data["rhos"], data["kinds"] = tuple(data.get("rhos", ())), tuple(data.get("kinds", ()))
+        data["flatness"] = tuple(data.get("flatness", ()))  # a report from before the measures: none
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
     def probe_key(self) -> dict[str, Any]:
@@ -152,6 +173,7 @@ PRESETS: dict[str, ReportSettings] = {
         density_steps=0,
         layers=False,
         landscape_steps=11,
+        pac_bayes_samples=2,
     ),
     "default": ReportSettings(),
     "full": ReportSettings(
@@ -167,6 +189,7 @@ PRESETS: dict[str, ReportSettings] = {
         density_runs=2,
         layers=True,
         landscape_steps=41,
+        pac_bayes_samples=8,
     ),
 }
 

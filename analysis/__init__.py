@@ -7,6 +7,13 @@ Every measure takes a peft LoRA model and a :class:`ProbeSet`, evaluates through
 from analysis.balance import BalanceResult, BalanceTrajectory, balance_trajectory, balancedness
 from analysis.correlation import CorrelationResult, correlate, correlation_table, granulated_kendall
 from analysis.ema_error import EmaErrorResult, ema_error_at_checkpoint, ema_error_series, ema_norm_ratio
+from analysis.flatness import (
+    PacBayesResult,
+    RelativeFlatnessResult,
+    adaptive_sharpness,
+    pac_bayes_flatness,
+    relative_flatness,
+)
 from analysis.guard import measuring
 from analysis.hessian import (
     DensityResult,
@@ -41,6 +48,7 @@ __all__ = [
     "load_model",
     "resolve_targets",
     # measures
+    "adaptive_sharpness",
     "balance_trajectory",
     "balancedness",
     "ema_error_at_checkpoint",
@@ -49,6 +57,8 @@ __all__ = [
     "hessian_operator",
     "hessian_trace",
     "layer_curvature",
+    "pac_bayes_flatness",
+    "relative_flatness",
     "sharpness",
     "spectral_density",
     "top_eigenvalues",
@@ -69,6 +79,8 @@ __all__ = [
     "EmaErrorResult",
     "LandscapeResult",
     "LayerCurvatureResult",
+    "PacBayesResult",
+    "RelativeFlatnessResult",
     "Result",
     "SharpnessResult",
     "TraceResult",

@@ -174,6 +174,8 @@ def pac_bayes_sigma(
     if not (eps >= 0 and 0 < rtol < 1 and 0 < sigma_range[0] < sigma_range[1]):
         raise FlatLoraError("pass eps >= 0, 0 < rtol < 1 and 0 < sigma_range[0] < sigma_range[1]")
     w = objective.point().detach().to(torch.float64).abs()
+    # the two ends, then the bisection steps (more if the upper end has to be doubled)
+    expected = 2 + math.ceil(math.log2(math.log(sigma_range[1] / sigma_range[0]) / math.log1p(rtol)))
     clean = objective.loss(None)
     evaluations = 0
 
@@ -186,7 +188,7 @@ def pac_bayes_sigma(
             pair_means.append(0.5 * (objective.loss(u) + objective.loss(-u)) - clean)
         evaluations += 1
         if progress is not None:
-            progress(evaluations, evaluations + 1)
+            progress(min(evaluations, expected), expected)
         values = np.asarray(pair_means)
         return float(values.mean()), float(values.std(ddof=1) / math.sqrt(samples))
 
@@ -260,9 +262,7 @@ def pac_bayes_flatness(
     space = space or "merged"
     with measuring(model, device) as dev:
         objective = ModelObjective(model, probe, build_space(model, space), dev)
-        found = pac_bayes_sigma(
-            objective, target, eps=eps, samples=samples, rtol=rtol, seed=seed, progress=progress
-        )
+        found = pac_bayes_sigma(objective, target, eps=eps, samples=samples, rtol=rtol, seed=seed, progress=progress)
         counts = objective.counts()
     sigma = found["sigma"]
     value = 1.0 / sigma**2
@@ -398,8 +398,10 @@ def relative_flatness(
             hook.remove()
         features = torch.cat(feats)
         if features.shape[0] != probe.n_examples:
-            raise FlatLoraError(f"layer {name!r} sees {features.shape[0]} rows for {probe.n_examples} examples: "
-                                "pass layer= naming the layer that maps one feature vector to one row of logits")  # fmt: skip
+            raise FlatLoraError(
+                f"layer {name!r} sees {features.shape[0]} rows for {probe.n_examples} examples: "
+                "pass layer= naming the layer that maps one feature vector to one row of logits"
+            )
         kappa, blocks, gram = relative_flatness_from_features(
             features, torch.cat(probs), module.weight.detach(), torch.cat(weights)
         )

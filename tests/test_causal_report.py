@@ -66,7 +66,8 @@ def test_report_on_a_stock_peft_causal_lm_adapter(tmp_path, pairs_csv, arch, req
     assert math.isfinite(lam)
     assert entry["hessian"]["top_eigenvalues"]["settings"]["weighting"] == "tokens"
     # Of the literature's measures only PAC-Bayes applies to an LM (the others are defined on class logits).
-    assert set(entry["flatness"]) == {"pac-bayes"} and entry["flatness"]["pac-bayes"]["settings"]["weighting"] == "tokens"
+    assert set(entry["flatness"]) == {"pac-bayes"}
+    assert entry["flatness"]["pac-bayes"]["settings"]["weighting"] == "tokens"
     # The report's clean loss is the token mean over every scored token of its probe.
     model, tokenizer = load_model(adapter, base, device="cpu")
     probe = ProbeSet.from_data(pairs_csv, tokenizer, task="causal-lm", n=6, batch_size=4)

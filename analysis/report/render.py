@@ -104,8 +104,7 @@ def to_markdown(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"{len(rows)} adapter(s); preset `{s['preset']}`; probe: {s['split']} split, n = {s['n']}, "
         f"batch {s['batch_size']}; sharpness space `{s['space']}` at rho {', '.join(f'{r:g}' for r in s['rhos'])}; "
         f"Hessian space `{s['eig_space']}` (k = {s['eig_k']}, tol {s['eig_tol']:g}, trace {s['trace_samples']} "
-        "Hutch++ products)"
-        + (f"; literature measures: {', '.join(s['flatness'])}." if s.get("flatness") else "."),
+        "Hutch++ products)" + (f"; literature measures: {', '.join(s['flatness'])}." if s.get("flatness") else "."),
         "",
         "| " + " | ".join(cols) + " |",
         "|" + "|".join("---" if c in ("name", "method") else "---:" for c in cols) + "|",

@@ -115,6 +115,7 @@ def runs_table(root: str, token: tuple) -> list[dict[str, Any]]:
                 "run": str(run.path.relative_to(root)) if run.path != Path(root) else run.path.name,
                 "path": str(run.path),
                 "method": run.method,
+                "group": run.group,
                 "task": run.info.get("task") or "classification",
                 "status": run.status,
                 "rho": h.get("rho") if run.method != "lora" else None,

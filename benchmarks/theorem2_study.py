@@ -5,12 +5,18 @@ Trains lora, flat-lora and eflat-lora for every beta x ema_radius (``ema``: the 
 and loss (mean +- std over seeds), the realized perturbation norm over rho, the consecutive-step
 cosine of the exact perturbation, the EMA-norm share that cosine predicts for a stationary
 rotation (``analysis.ema_norm_ratio``), and cos(e_bar, eps_B) (the cheap part of Theorem 2).
-Finished runs in --out are reused, so an interrupted study resumes.
+Then every run is measured by ``flatlora report`` (OUT/report: SAM and Flat-LoRA sharpness,
+lambda_max, the literature's flatness measures, the Theorem-2 error at the last checkpoint;
+its correlation table ranks them against test loss and accuracy over all runs), and a second
+table gives those measures per cell. Finished runs and measures in --out are reused, so an
+interrupted study resumes.
 
     python benchmarks/theorem2_study.py --data ../shared/data/sst2 [--seeds 13,21,42,87,100]
-        [--betas 0.5,0.9] [--radii ema,rho] [--steps 200] [--out runs/theorem2]
+        [--betas 0,0.5,0.9,0.99] [--radii ema,rho] [--steps 200] [--out runs/theorem2] [--no-measure]
 
-Writes OUT/study.json (one row per run) and prints the table.
+Writes OUT/study.json (one row per run), OUT/realized_ratio.png (realized norm / rho over
+training per cell) and OUT/beta_sweep.png (test accuracy and loss against beta per
+ema_radius), and prints the tables.
 """
 
 from __future__ import annotations
@@ -60,6 +66,72 @@ def run_row(run, options: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+MEASURES = (  # (report row column, table header)
+    ("sharpness_sam_rho0.05", "SAM sharpness"),
+    ("sharpness_flat-lora_rho0.05", "Flat-LoRA sharpness"),
+    ("lambda_max", "lambda_max"),
+    ("adaptive_sharpness_rho0.001", "adaptive sharpness"),
+    ("pac_bayes_flatness", "PAC-Bayes 1/sigma^2"),
+    ("relative_flatness", "relative flatness"),
+    ("ema_rel_error_checkpoint", "Theorem-2 error"),
+)
+
+
+def study_report_settings():
+    """The report every study run gets: cheap sharpness, lambda_max, the literature's measures, Theorem 2."""
+    import dataclasses
+
+    from analysis.report import preset
+
+    settings = preset("quick", kinds=("sam", "flat-lora"), trace_samples=0, landscape_steps=0, pac_bayes_samples=4)
+    return dataclasses.replace(settings, n=None)  # the whole few-shot training split (preset() reads None as unset)
+
+
+def measure_runs(folders: list[Path], out: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
+    """(run name -> report row, the report's correlation section) for the study's runs."""
+    from analysis.report import build_report, summary_rows
+
+    report = build_report([str(f) for f in folders], out, study_report_settings())
+    return {row["name"]: row for row in summary_rows(report)}, report.get("correlation")
+
+
+def measures_table(rows: list[dict[str, Any]], names: list[str]) -> str:
+    lines = ["| cell | " + " | ".join(h for _, h in MEASURES) + " |", "|---|" + "---:|" * len(MEASURES)]
+    for name in names:
+        mine = [r for r in rows if r["cell"] == name]
+        if mine:
+            cols = [_mean_std([r.get(k) for r in mine], 1, 4) for k, _ in MEASURES]
+            lines.append(f"| {name} | " + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
+def correlation_lines(correlation: dict[str, Any] | None) -> str:
+    """Kendall tau of each measure against test loss and accuracy over every run of the study."""
+    if not correlation:
+        return ""
+    lines = ["| measure | vs | Kendall tau [95% CI] | granulated Kendall |", "|---|---|---:|---:|"]
+    for c in correlation["rows"]:
+        if c["target"] in ("test_loss", "test_accuracy") and c["measure"] in dict(MEASURES):
+            k, g = c["kendall"], c["granulated"]
+            interval = f" [{k['low']:.2f}, {k['high']:.2f}]" if k.get("low") is not None else ""
+            psi = f"{g['value']:.3f}" if g and g.get("value") is not None else ""
+            lines.append(f"| {c['measure']} | {c['target']} | {k['value']:.3f}{interval} | {psi} |")
+    return "\n".join(lines)
+
+
+def save_figures(out: Path, rows: list[dict[str, Any]], histories: dict[str, list], names: list[str]) -> None:
+    from analysis import plots
+
+    groups = {name: [histories[r["run"]] for r in rows if r["cell"] == name] for name in names if name != "lora"}
+    for fig, file in (
+        (plots.realized_ratio_png(groups), "realized_ratio.png"),
+        (plots.beta_sweep_png(rows), "beta_sweep.png"),
+    ):
+        tmp = out / f".{file}.tmp.png"
+        fig.savefig(tmp, dpi=130)
+        tmp.replace(out / file)
+
+
 def _mean_std(values: list[float | None], scale: float = 1.0, digits: int = 4) -> str:
     values = [v * scale for v in values if v is not None]
     if not values:
@@ -98,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--test-cap", default="auto")
     parser.add_argument("--out", default="runs/theorem2")
+    parser.add_argument("--no-measure", dest="measure", action="store_false", help="skip the report's measures")
     args = parser.parse_args(argv)
 
     from flatlora.atomic import atomic_write_json
@@ -110,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     test_cap = None if args.test_cap == "none" else args.test_cap if args.test_cap == "auto" else int(args.test_cap)
     out = Path(args.out)
     grid = cells(betas, radii)
-    rows = []
+    rows, folders, histories = [], [], {}
     for name, options in grid:
         for seed in seeds:
             folder = out / f"{name}-seed{seed}"
@@ -123,8 +196,22 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"theorem2 study: {folder.name}", file=sys.stderr, flush=True)
                 run = train_run(config, folder, overwrite=True)
             rows.append({"cell": name, **run_row(run, options)})
-    atomic_write_json(out / "study.json", {"settings": vars(args), "rows": rows})
-    print(table(rows, [name for name, _ in grid]))
+            folders.append(folder)
+            histories[run.path.name] = run.metrics
+    names = [name for name, _ in grid]
+    correlation = None
+    if args.measure:
+        measured, correlation = measure_runs(folders, out / "report")
+        for row in rows:
+            row.update({k: measured.get(row["run"], {}).get(k) for k, _ in MEASURES})
+    atomic_write_json(out / "study.json", {"settings": vars(args), "rows": rows, "correlation": correlation})
+    save_figures(out, rows, histories, names)
+    print(table(rows, names))
+    if args.measure:
+        print()
+        print(measures_table(rows, names))
+        print()
+        print(correlation_lines(correlation))
     return 0
 
 

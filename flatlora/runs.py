@@ -349,6 +349,16 @@ class Run:
         return self.info.get("metrics") or {}
 
     @property
+    def group(self) -> str:
+        """The run's method with what sets its perturbation apart, seeds pooled: ``eflat-lora (beta 0.9, ema)``."""
+        if self.method != "eflat-lora":
+            return self.method
+        beta = self.hparams.get("beta")
+        return (
+            f"eflat-lora (beta {beta:g}, {self.hparams.get('ema_radius', 'ema')})" if beta is not None else self.method
+        )
+
+    @property
     def adapter_path(self) -> Path | None:
         path = self.path / "adapter"
         return path if (path / "adapter_config.json").exists() else None

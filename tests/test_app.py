@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from analysis_fixtures import train_tiny_runs, write_reviews_csv
 
@@ -78,6 +80,22 @@ def test_runs_page_lists_the_runs_and_plots_their_curves(runs_folder, monkeypatc
     at.multiselect(key="runs_methods").set_value(["lora"]).run()
     assert at.metric[0].value == "1"
     assert [t["name"] for t in chart_specs(at)[0]["data"]] == ["lora-seed1"]
+
+
+def test_runs_page_pools_seeds_into_the_realized_ratio_per_method(runs_folder, monkeypatch):
+    from flatlora.runs import load_run
+
+    at = app_on(runs_folder, monkeypatch)
+    at.radio(key="runs_realized_per").set_value("per method").run()
+    assert not at.exception, [e.value for e in at.exception]
+    [ratio] = [s for s in chart_specs(at) if "realized perturbation norm / rho" in s["layout"]["title"]["text"].lower()]
+    named = {t["name"].split(" (median")[0]: t for t in ratio["data"] if t.get("name")}
+    eflat = load_run(runs_folder / "eflat-lora-seed1")
+    assert set(named) == {"flat-lora", eflat.group} and eflat.group.startswith("eflat-lora (beta ")
+    logged = [r["realized_ratio"] for r in eflat.metrics if r.get("realized_ratio") is not None]
+    y = named[eflat.group]["y"]  # plotly sends numpy arrays as base64 bytes
+    y = np.frombuffer(base64.b64decode(y["bdata"]), dtype=y["dtype"]) if isinstance(y, dict) else np.asarray(y)
+    assert y.tolist() == pytest.approx(logged)  # one run: its median is its own ratio
 
 
 def test_runs_page_figure_equals_the_builders(runs_folder, monkeypatch):

@@ -158,5 +158,11 @@ def test_the_theorem2_study_script_runs_its_grid_and_tabulates_it(tmp_path, csv_
     assert rows["eflat-b0.9-rho"]["realized_ratio"] == pytest.approx(1.0, rel=1e-3)  # the radius kept
     assert rows["eflat-b0.9-ema"]["realized_ratio"] < 1.0 and rows["lora"]["realized_ratio"] is None
     assert 0 < rows["eflat-b0.9-ema"]["predicted_ratio"] <= 1
+    for row in rows.values():  # every run measured by the report, the literature's measures included
+        assert row["lambda_max"] is not None and row["relative_flatness"] > 0 and row["pac_bayes_flatness"] > 0
+    assert rows["eflat-b0.9-ema"]["ema_rel_error_checkpoint"] >= 0 and rows["lora"]["ema_rel_error_checkpoint"] is None
+    assert "| eflat-b0.9-rho |" in printed.split("PAC-Bayes")[1]  # the measures table
+    for png in ("realized_ratio.png", "beta_sweep.png"):
+        assert (tmp_path / "study" / png).read_bytes()[:4] == b"\x89PNG"
     assert study.main(argv) == 0  # finished runs are reused
     assert capsys.readouterr().err == ""

@@ -25,10 +25,13 @@ from analysis.plots.png import (
     realized_norm_png,
     sharpness_bars_png,
 )
+from analysis.plots.study import beta_sweep_figure, beta_sweep_png, realized_ratio_figure, realized_ratio_png
 
 __all__ = [
     "balance_figure",
     "balance_png",
+    "beta_sweep_figure",
+    "beta_sweep_png",
     "correlation_scatter_figure",
     "correlation_scatter_png",
     "curvature_bars_figure",
@@ -46,6 +49,8 @@ __all__ = [
     "layer_bars_png",
     "realized_norm_figure",
     "realized_norm_png",
+    "realized_ratio_figure",
+    "realized_ratio_png",
     "sharpness_bars_figure",
     "sharpness_bars_png",
 ]

@@ -67,7 +67,15 @@ def runs_view() -> None:
     with tabs[0]:
         st.plotly_chart(plots.history_figure(histories, "loss"), width="stretch")
     with tabs[1]:
-        st.plotly_chart(plots.realized_norm_figure(histories), width="stretch")
+        per = st.radio("Show", ["per run", "per method"], horizontal=True, key="runs_realized_per")
+        if per == "per run":
+            st.plotly_chart(plots.realized_norm_figure(histories), width="stretch")
+        else:  # seeds pooled: the median ratio realized / rho of each method (eflat-lora per beta and ema_radius)
+            groups: dict[str, list] = {}
+            for r in shown:
+                if r["run"] in histories:
+                    groups.setdefault(r["group"], []).append(histories[r["run"]])
+            st.plotly_chart(plots.realized_ratio_figure(groups), width="stretch")
     with tabs[2]:
         st.plotly_chart(plots.history_figure(histories, "balancedness", y_title="||A||^2 - ||B||^2"), width="stretch")
     with tabs[3]:

@@ -4,18 +4,18 @@ Every measure takes a peft LoRA model and a :class:`ProbeSet`, evaluates through
 ``torch.func.functional_call`` in eval mode, and leaves the model bit-identical.
 """
 
-from analysis.balance import BalanceResult, BalanceTrajectory, balance_trajectory, balancedness
-from analysis.correlation import CorrelationResult, correlate, correlation_table, granulated_kendall
-from analysis.ema_error import EmaErrorResult, ema_error_at_checkpoint, ema_error_series, ema_norm_ratio
-from analysis.flatness import (
+from flatlora_analysis.balance import BalanceResult, BalanceTrajectory, balance_trajectory, balancedness
+from flatlora_analysis.correlation import CorrelationResult, correlate, correlation_table, granulated_kendall
+from flatlora_analysis.ema_error import EmaErrorResult, ema_error_at_checkpoint, ema_error_series, ema_norm_ratio
+from flatlora_analysis.flatness import (
     PacBayesResult,
     RelativeFlatnessResult,
     adaptive_sharpness,
     pac_bayes_flatness,
     relative_flatness,
 )
-from analysis.guard import measuring
-from analysis.hessian import (
+from flatlora_analysis.guard import measuring
+from flatlora_analysis.hessian import (
     DensityResult,
     EigenResult,
     LayerCurvatureResult,
@@ -26,13 +26,13 @@ from analysis.hessian import (
     spectral_density,
     top_eigenvalues,
 )
-from analysis.landscape import LandscapeResult, interpolate, landscape_1d, landscape_2d
-from analysis.loading import Target, load_model, resolve_targets
-from analysis.objective import ModelObjective, evaluate_loss
-from analysis.probe import ProbeSet
-from analysis.results import Result
-from analysis.sharpness import SharpnessResult, sharpness
-from analysis.spaces import SPACES, Space, build_space
+from flatlora_analysis.landscape import LandscapeResult, interpolate, landscape_1d, landscape_2d
+from flatlora_analysis.loading import Target, load_model, resolve_targets
+from flatlora_analysis.objective import ModelObjective, evaluate_loss
+from flatlora_analysis.probe import ProbeSet
+from flatlora_analysis.results import Result
+from flatlora_analysis.sharpness import SharpnessResult, sharpness
+from flatlora_analysis.spaces import SPACES, Space, build_space
 
 __all__ = [
     # probe sets, spaces and evaluation

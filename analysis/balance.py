@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from analysis.results import Result
 from flatlora.errors import FlatLoraError
+from flatlora_analysis.results import Result
 
 _FACTOR_KEYS = ((".lora_A.", ".lora_B."), (".lora_embedding_A", ".lora_embedding_B"))
 

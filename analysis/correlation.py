@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from analysis.results import Result
 from flatlora.errors import FlatLoraError
+from flatlora_analysis.results import Result
 
 AXES = ("method", "rho_train", "lr", "seed")
 TARGETS = ("test_accuracy", "test_loss", "gap", "test_perplexity", "test_bleu")
@@ -195,29 +195,3 @@ def correlation_table(
             except FlatLoraError:
                 continue
     return out
-
-
-def report_correlation(report: dict[str, Any], n_resamples: int = 1000) -> dict[str, Any] | None:
-    """The correlation section of a report (None with fewer than three runs with metrics)."""
-    from analysis.report.render import summary_rows
-
-    rows = summary_rows(report)
-    table = correlation_table(rows, n_resamples=n_resamples)
-    if not table:
-        return None
-    return {
-        "n_runs": max(c.n_runs for c in table),
-        "axes": table[0].settings["axes"],
-        "bootstrap": n_resamples,
-        "rows": [
-            {
-                "measure": c.measure,
-                "target": c.target,
-                "n_runs": c.n_runs,
-                "kendall": c.kendall,
-                "spearman": c.spearman,
-                "granulated": c.granulated,
-            }
-            for c in table
-        ],
-    }

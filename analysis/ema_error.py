@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from analysis.results import Result
 from flatlora.errors import FlatLoraError
+from flatlora_analysis.results import Result
 
 T2_KEYS = ("t2_rel_error", "t2_cosine", "t2_loss_gap", "t2_sam_loss", "t2_ema_loss")
 
@@ -110,15 +110,15 @@ def ema_error_at_checkpoint(
     Raises:
         FlatLoraError: not an eflat-lora run, no checkpoint, or EMA shapes that do not match.
     """
-    from analysis.guard import measuring
-    from analysis.loading import Target, load_model
-    from analysis.objective import ModelObjective
-    from analysis.probe import ProbeSet
-    from analysis.spaces import build_space
     from flatlora.lora import find_lora_pairs
     from flatlora.perturbation import flat_lora_eps_b
     from flatlora.runs import latest_checkpoint
     from flatlora.schedules import RhoSchedule
+    from flatlora_analysis.guard import measuring
+    from flatlora_analysis.loading import Target, load_model
+    from flatlora_analysis.objective import ModelObjective
+    from flatlora_analysis.probe import ProbeSet
+    from flatlora_analysis.spaces import build_space
 
     run = _run(run)
     if run.method != "eflat-lora":

@@ -1,4 +1,4 @@
-"""The generalization literature's flatness measures, beside :func:`analysis.sharpness.sharpness`.
+"""The generalization literature's flatness measures, beside :func:`flatlora_analysis.sharpness.sharpness`.
 
 Three measures that large studies found to rank generalization best, each on a model and a
 probe set, each returning a result object (larger = sharper for all three):
@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from analysis.guard import measuring
-from analysis.objective import ModelObjective, Objective
-from analysis.probe import ProbeSet, batch_size_of
-from analysis.results import Result
-from analysis.sharpness import SharpnessResult, sharpness
-from analysis.spaces import build_space
 from flatlora.errors import FlatLoraError
+from flatlora_analysis.guard import measuring
+from flatlora_analysis.objective import ModelObjective, Objective
+from flatlora_analysis.probe import ProbeSet, batch_size_of
+from flatlora_analysis.results import Result
+from flatlora_analysis.sharpness import SharpnessResult, sharpness
+from flatlora_analysis.spaces import build_space
 
 FLATNESS = ("adaptive-worst", "pac-bayes", "relative")
 Progress = Callable[[int, int], None]

@@ -71,7 +71,7 @@ def resolve_targets(paths: list[str | Path]) -> list[Target]:
         if (path / RUN_JSON).is_file():
             targets.append(_run_target(path))
         elif (path / "adapter_config.json").is_file():
-            from analysis.probe_data import read_adapter_config
+            from flatlora_analysis.probe_data import read_adapter_config
 
             read_adapter_config(path)  # a damaged or non-LoRA adapter is refused here, in one line
             targets.append(Target("adapter", path, path))
@@ -105,9 +105,9 @@ def resolve_targets(paths: list[str | Path]) -> list[Target]:
 
 def _run_target(path: Path) -> Target:
     """A finished run of a known method, its metrics.jsonl and adapter config readable (else one line)."""
-    from analysis.probe_data import read_adapter_config
     from flatlora.methods import METHODS
     from flatlora.runs import load_run
+    from flatlora_analysis.probe_data import read_adapter_config
 
     run = load_run(path)
     if run.method not in METHODS:

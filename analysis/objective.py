@@ -3,7 +3,7 @@
 ``ModelObjective(model, probe, space)`` is what every model measure works on: ``loss(delta)``
 and ``loss_and_grad(delta)`` with delta a flat vector of the space, evaluated through
 ``torch.func.functional_call`` (the model is never written). The algorithms in
-``analysis.sharpness`` and ``analysis.hessian`` see only this interface, so they are tested
+``flatlora_analysis.sharpness`` and ``flatlora_analysis.hessian`` see only this interface, so they are tested
 on closed-form objectives too.
 """
 
@@ -16,10 +16,10 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from analysis.guard import measuring
-from analysis.probe import ProbeSet
-from analysis.spaces import Space, build_space
 from flatlora.errors import FlatLoraError
+from flatlora_analysis.guard import measuring
+from flatlora_analysis.probe import ProbeSet
+from flatlora_analysis.spaces import Space, build_space
 
 
 class Objective(Protocol):
@@ -80,7 +80,7 @@ def double_backward_attention(model: nn.Module) -> Iterator[str]:
 class ModelObjective:
     """L(w + delta) over a probe set, delta a flat vector of ``space``; eval mode, no weight written.
 
-    Use inside :func:`analysis.guard.measuring` (the public measures do); the probe set is
+    Use inside :func:`flatlora_analysis.guard.measuring` (the public measures do); the probe set is
     moved to ``device`` once.
     """
 

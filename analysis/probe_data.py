@@ -155,7 +155,7 @@ def build_target_probe(target, data: ProbeData, tokenizer, *, split: str, n: int
         FlatLoraError: a bare adapter without ``--data``, data of the wrong kind, a base model
             without a tokenizer, or a probe set the loaders refuse (no split, no scored token).
     """
-    from analysis.probe import ProbeSet
+    from flatlora_analysis.probe import ProbeSet
 
     run = target.run()
     task = target_task(target, data)

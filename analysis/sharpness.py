@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from analysis.guard import measuring
-from analysis.objective import ModelObjective, Objective
-from analysis.probe import ProbeSet
-from analysis.results import Result
-from analysis.spaces import build_space
 from flatlora.errors import FlatLoraError
+from flatlora_analysis.guard import measuring
+from flatlora_analysis.objective import ModelObjective, Objective
+from flatlora_analysis.probe import ProbeSet
+from flatlora_analysis.results import Result
+from flatlora_analysis.spaces import build_space
 
 KINDS = ("sam", "worst", "average", "flat-lora")
 NORMS = ("l2", "linf")

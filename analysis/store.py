@@ -1,7 +1,7 @@
 """Measure results saved next to the run they describe (``RUN/analysis/result-KEY.json``) and reused.
 
 The dashboard and notebooks compute a measure once per (adapter, settings) and read it back
-afterwards; landscapes, with their arrays, have their own NPZ store in ``analysis.landscape``.
+afterwards; landscapes, with their arrays, have their own NPZ store in ``flatlora_analysis.landscape``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from analysis.results import Result, cache_key
+from flatlora_analysis.results import Result, cache_key
 
 
 def result_path(folder: str | Path, parts: dict[str, Any]) -> Path:

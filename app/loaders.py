@@ -1,7 +1,7 @@
 """The dashboard's data: cached readers of runs and measures, and the compute-on-request entry points.
 
 Pages hold no math and no figure code: they call these loaders (which call ``flatlora.runs``
-and ``analysis``) and hand the results to ``analysis.plots``. Readers are cached with
+and ``analysis``) and hand the results to ``flatlora_analysis.plots``. Readers are cached with
 ``st.cache_data`` keyed by the files' modification times, so a run being written shows its
 new records on the next refresh; models and probe sets are ``st.cache_resource``.
 """
@@ -40,8 +40,8 @@ def clear_caches() -> None:
 
 def measure_defaults(root: str | None = None) -> dict[str, Any]:
     """Probe and landscape settings: those of ROOT/report (so what it measured is reused), else the demo's."""
-    from analysis.report import ReportSettings
     from flatlora.demo import report_settings
+    from flatlora_analysis.report import ReportSettings
 
     found = report(root, report_token(root)) if root is not None else None
     s = ReportSettings.from_dict(found["settings"]) if found else report_settings(quick=False)
@@ -185,7 +185,7 @@ def history_token(path: str) -> int:
 @st.cache_resource(show_spinner="loading the adapter ...")
 def model_and_probe(path: str, split: str, n: int | None, batch_size: int):
     """The run's peft model (eval mode) and its probe set (the first n examples of the split)."""
-    from analysis import ProbeSet, load_model
+    from flatlora_analysis import ProbeSet, load_model
 
     model, _ = load_model(path)
     return model, ProbeSet.from_run(path, split, n=n, batch_size=batch_size)
@@ -208,9 +208,9 @@ def landscape(
 
     With ``compute``, a missing one is computed (``progress(done, total)``) and saved in RUN/analysis/.
     """
-    from analysis.landscape import cached_landscape, interpolate, landscape_1d, landscape_2d, load_landscape
-    from analysis.landscape.store import landscape_key, landscape_settings
-    from analysis.results import cache_key
+    from flatlora_analysis.landscape import cached_landscape, interpolate, landscape_1d, landscape_2d, load_landscape
+    from flatlora_analysis.landscape.store import landscape_key, landscape_settings
+    from flatlora_analysis.results import cache_key
 
     probe_keys = {k: settings[k] for k in ("split", "n", "batch_size")}
     span = None if kind == "pca" else settings["span"]
@@ -259,7 +259,7 @@ CURVATURE = ("top_eigenvalues", "trace", "density", "layers")
 
 def _from_report(root: str | None, path: str, measure: str, settings: dict[str, Any]):
     """The measure as ROOT/report measured it, if that report used these settings."""
-    from analysis.results import Result
+    from flatlora_analysis.results import Result
 
     found = report(root, report_token(root)) if root is not None else None
     if not found:
@@ -297,9 +297,9 @@ def curvature(
 
     Looked up in RUN/analysis/ and in ROOT/report; with ``compute``, a missing one is computed and saved.
     """
-    from analysis import hessian_trace, layer_curvature, spectral_density, top_eigenvalues
-    from analysis.loading import adapter_hash
-    from analysis.store import cached_result, load_result
+    from flatlora_analysis import hessian_trace, layer_curvature, spectral_density, top_eigenvalues
+    from flatlora_analysis.loading import adapter_hash
+    from flatlora_analysis.store import cached_result, load_result
 
     folder = Path(path) / "analysis"
     parts = {"adapter": adapter_hash(_adapter(path)), "measure": measure, **settings}
@@ -329,6 +329,19 @@ def report(root: str, token: int) -> dict[str, Any] | None:
 
     path = report_path(root)
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+@st.cache_data(show_spinner="correlating ...")
+def correlation(root: str, token: int, measure: str, target: str):
+    """(CorrelationResult, None) of a pair over ROOT/report's rows, or (None, why): for reports without one."""
+    from flatlora.errors import FlatLoraError
+    from flatlora_analysis.correlation import correlate
+    from flatlora_analysis.report import summary_rows
+
+    try:
+        return correlate(summary_rows(report(root, token)), measure, target, n_resamples=1000), None
+    except FlatLoraError as err:
+        return None, str(err)
 
 
 def report_token(root: str) -> int:

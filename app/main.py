@@ -6,7 +6,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from app import loaders
+from flatlora_app import loaders
 
 HERE = Path(__file__).parent
 

@@ -27,9 +27,9 @@ import warnings
 import numpy as np
 import torch
 
-from analysis import ProbeSet, top_eigenvalues
-from analysis.hessian import hessian_operator
-from analysis.hessian.pyhessian_backend import _session
+from flatlora_analysis import ProbeSet, top_eigenvalues
+from flatlora_analysis.hessian import hessian_operator
+from flatlora_analysis.hessian.pyhessian_backend import _session
 
 
 def build(quick: bool):

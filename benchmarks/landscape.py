@@ -27,7 +27,7 @@ import warnings
 
 import torch
 
-from analysis import ProbeSet, landscape_2d
+from flatlora_analysis import ProbeSet, landscape_2d
 
 
 def build(quick: bool):

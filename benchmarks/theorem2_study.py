@@ -43,7 +43,7 @@ def median_of(records: list[dict[str, Any]], key: str, after: int = 0) -> float 
 
 
 def run_row(run, options: dict[str, Any]) -> dict[str, Any]:
-    from analysis import ema_norm_ratio
+    from flatlora_analysis import ema_norm_ratio
 
     records, steps = run.metrics, run.hparams.get("steps", 0)
     half = steps // 2  # the second half of training: past the EMA's warm-up
@@ -81,7 +81,7 @@ def study_report_settings():
     """The report every study run gets: cheap sharpness, lambda_max, the literature's measures, Theorem 2."""
     import dataclasses
 
-    from analysis.report import preset
+    from flatlora_analysis.report import preset
 
     settings = preset("quick", kinds=("sam", "flat-lora"), trace_samples=0, landscape_steps=0, pac_bayes_samples=4)
     return dataclasses.replace(settings, n=None)  # the whole few-shot training split (preset() reads None as unset)
@@ -89,7 +89,7 @@ def study_report_settings():
 
 def measure_runs(folders: list[Path], out: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
     """(run name -> report row, the report's correlation section) for the study's runs."""
-    from analysis.report import build_report, summary_rows
+    from flatlora_analysis.report import build_report, summary_rows
 
     report = build_report([str(f) for f in folders], out, study_report_settings())
     return {row["name"]: row for row in summary_rows(report)}, report.get("correlation")
@@ -120,7 +120,7 @@ def correlation_lines(correlation: dict[str, Any] | None) -> str:
 
 
 def save_figures(out: Path, rows: list[dict[str, Any]], histories: dict[str, list], names: list[str]) -> None:
-    from analysis import plots
+    from flatlora_analysis import plots
 
     groups = {name: [histories[r["run"]] for r in rows if r["cell"] == name] for name in names if name != "lora"}
     for fig, file in (

@@ -10,12 +10,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from analysis import plots
-from analysis.landscape import load_landscape
-from analysis.landscape.store import landscape_key
-from analysis.results import cache_key
 from flatlora.demo import report_settings
 from flatlora.runs import load_run
+from flatlora_analysis import plots
+from flatlora_analysis.landscape import load_landscape
+from flatlora_analysis.landscape.store import landscape_key
+from flatlora_analysis.results import cache_key
 
 
 def main(runs_dir: str = "runs/demo") -> Path:

@@ -107,7 +107,7 @@ def _flatness_list(text: str) -> tuple[str, ...]:
 
 def report_settings(args: argparse.Namespace):
     """The report's settings: the chosen preset with what the command line set explicitly."""
-    from analysis.report import preset
+    from flatlora_analysis.report import preset
 
     name = "quick" if args.quick else "full" if args.full else "default"
     settings = preset(
@@ -131,7 +131,7 @@ def report_settings(args: argparse.Namespace):
 
 
 def _report(args: argparse.Namespace) -> int:
-    from analysis.report import build_report, merge_shards, parse_shard, summary_rows
+    from flatlora_analysis.report import build_report, merge_shards, parse_shard, summary_rows
 
     quiet_transformers()
 
@@ -207,19 +207,19 @@ def _rank() -> int:
 
 
 def probe_data(args: argparse.Namespace):
-    """The ``--data`` options of report/landscape as an :class:`analysis.probe_data.ProbeData`."""
-    from analysis.probe_data import ProbeData
+    """The ``--data`` options of report/landscape as an :class:`flatlora_analysis.probe_data.ProbeData`."""
+    from flatlora_analysis.probe_data import ProbeData
 
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(ProbeData) if f.name != "spec"}
     return ProbeData(spec=args.data, **options)
 
 
 def _landscape(args: argparse.Namespace) -> int:
-    from analysis.landscape import cached_landscape, interpolate, landscape_1d, landscape_2d, symmetric_grid
-    from analysis.landscape.store import landscape_key, landscape_settings
-    from analysis.loading import load_model
-    from analysis.probe_data import build_target_probe, check_probe_fits
     from flatlora.atomic import check_writable
+    from flatlora_analysis.landscape import cached_landscape, interpolate, landscape_1d, landscape_2d, symmetric_grid
+    from flatlora_analysis.landscape.store import landscape_key, landscape_settings
+    from flatlora_analysis.loading import load_model
+    from flatlora_analysis.probe_data import build_target_probe, check_probe_fits
 
     quiet_transformers()
     check_device(args.device)
@@ -235,7 +235,7 @@ def _landscape(args: argparse.Namespace) -> int:
         other = _one_target(args.between, "--between")[0].adapter
     kind = "interpolation" if (args.between or args.from_base) else "pca" if args.pca else "2d" if args.two_d else "1d"
     if args.pca:
-        from analysis.landscape.directions import trajectory_folders
+        from flatlora_analysis.landscape.directions import trajectory_folders
 
         if target.kind != "run":
             raise FlatLoraError(f"--pca needs a run's saved trajectory, and {target.path} is a bare adapter")
@@ -244,7 +244,7 @@ def _landscape(args: argparse.Namespace) -> int:
     check_writable(folder)
     model, tokenizer = load_model(target, args.base_model, device=args.device)
     if other is not None:
-        from analysis.landscape.directions import adapter_tensors
+        from flatlora_analysis.landscape.directions import adapter_tensors
 
         adapter_tensors(model, other)  # refuses an adapter of another base model before any work
     probe = build_target_probe(target, data, tokenizer, split=args.split, n=args.n, batch_size=args.batch_size)
@@ -304,7 +304,7 @@ def _landscape(args: argparse.Namespace) -> int:
 
 def _one_target(path: str, what: str):
     """The single run or adapter ``path`` names (a folder of several runs is refused)."""
-    from analysis.loading import resolve_targets
+    from flatlora_analysis.loading import resolve_targets
 
     targets = resolve_targets([path])
     if len(targets) != 1:
@@ -318,7 +318,7 @@ def app_command(runs: str, port: int, host: str) -> list[str]:
     """The ``streamlit run`` command line of the dashboard on ``runs``."""
     import importlib.util
 
-    spec = importlib.util.find_spec("app")
+    spec = importlib.util.find_spec("flatlora_app")
     if spec is None or spec.origin is None or importlib.util.find_spec("streamlit") is None:
         raise FlatLoraError("the dashboard needs streamlit and the app package: pip install 'flatlora[app]'")
     main = Path(spec.origin).parent / "main.py"

@@ -67,7 +67,7 @@ def train_demo_runs(args: argparse.Namespace) -> list:
 
 def report_settings(quick: bool):
     """The demo's measures: one probe batch (its gradient graph is kept across Hessian products)."""
-    from analysis.report import preset
+    from flatlora_analysis.report import preset
 
     if quick:
         return preset("quick", n=16, batch_size=16, landscape_steps=7)
@@ -76,9 +76,9 @@ def report_settings(quick: bool):
 
 def run_demo(args: argparse.Namespace) -> int:
     """Train the demo's runs, measure them, print the tables and the dashboard command."""
-    from analysis.report import build_report, summary_rows
     from flatlora.atomic import check_writable
     from flatlora.cli_measure import ProgressBars, quiet_transformers
+    from flatlora_analysis.report import build_report, summary_rows
 
     quiet_transformers()
     if args.llm:

@@ -9,7 +9,8 @@ import pytest
 import torch
 from analysis_fixtures import Quadratic, symmetric_with_spectrum
 
-from analysis.hessian import (
+from flatlora import FlatLoraError
+from flatlora_analysis.hessian import (
     DenseOperator,
     broadened_density,
     eigsh_eigenvalues,
@@ -20,8 +21,7 @@ from analysis.hessian import (
     power_eigenvalues,
     slq,
 )
-from analysis.sharpness import average_case, sam_delta, worst_case
-from flatlora import FlatLoraError
+from flatlora_analysis.sharpness import average_case, sam_delta, worst_case
 
 SPECTRUM = [3.0, 2.0, 1.5, 1.0, 0.5, 0.2, 0.0, -0.1, -0.4, -0.7]
 INDEFINITE = [1.0, 0.6, 0.3, 0.0, -0.5, -1.2, -2.0, -4.0]  # the most negative dominates in magnitude

@@ -8,7 +8,9 @@ import torch
 from analysis_fixtures import TinyClassifier, TinyRegression, assert_same_state, lora_wrap, model_state
 from torch.func import functional_call
 
-from analysis import (
+from flatlora import FlatLoraError
+from flatlora.models import tiny_batches, tiny_model
+from flatlora_analysis import (
     ProbeSet,
     build_space,
     hessian_operator,
@@ -17,8 +19,6 @@ from analysis import (
     spectral_density,
     top_eigenvalues,
 )
-from flatlora import FlatLoraError
-from flatlora.models import tiny_batches, tiny_model
 
 
 def classifier_probe(n=24, n_in=6, classes=3, seed=0, batch_size=10):

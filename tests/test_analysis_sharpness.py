@@ -7,7 +7,11 @@ import pytest
 import torch
 from analysis_fixtures import TinyClassifier, TinyRegression, assert_same_state, lora_wrap, model_state
 
-from analysis import (
+from flatlora import FlatLoraError
+from flatlora.lora import find_lora_pairs
+from flatlora.models import TINY_ARCHS, tiny_batches, tiny_model
+from flatlora.perturbation import flat_lora_eps_b
+from flatlora_analysis import (
     ProbeSet,
     balancedness,
     build_space,
@@ -18,10 +22,6 @@ from analysis import (
     spectral_density,
     top_eigenvalues,
 )
-from flatlora import FlatLoraError
-from flatlora.lora import find_lora_pairs
-from flatlora.models import TINY_ARCHS, tiny_batches, tiny_model
-from flatlora.perturbation import flat_lora_eps_b
 
 
 def regression_at_its_minimum(seed=0):

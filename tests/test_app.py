@@ -13,9 +13,9 @@ from analysis_fixtures import train_tiny_runs, write_reviews_csv
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest
 
-from analysis import plots
 from flatlora import cli
 from flatlora.models import save_tiny_text_model
+from flatlora_analysis import plots
 
 MAIN = str(Path(__file__).parents[1] / "app" / "main.py")
 PAGES = ("views/landscapes.py", "views/curvature.py", "views/correlation.py", "views/report.py")
@@ -45,7 +45,7 @@ def runs_folder(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def fresh_caches():
-    from app.loaders import clear_caches
+    from flatlora_app.loaders import clear_caches
 
     clear_caches()
     yield

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from analysis import ProbeSet, evaluate_loss, hessian_trace, sharpness, top_eigenvalues
 from flatlora.data.lm_encode import IGNORE_INDEX
+from flatlora_analysis import ProbeSet, evaluate_loss, hessian_trace, sharpness, top_eigenvalues
 
 pytest.importorskip("gguf", reason="causal-LM probe tests use the default LLM's tokenizer (pip install gguf)")
 
@@ -73,7 +73,7 @@ def test_measures_run_on_a_causal_probe_and_state_the_weighting(model, pairs):
     # lambda_max against torch.autograd.functional.hessian of the probe-set loss in float64
     from test_analysis_hessian import reference_hessian
 
-    from analysis.objective import double_backward_attention
+    from flatlora_analysis.objective import double_backward_attention
 
     with double_backward_attention(m):  # SDPA's math backend: its fused CPU kernel has no double backward
         dense = reference_hessian(m, probe, "lora")

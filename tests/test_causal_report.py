@@ -12,8 +12,8 @@ import pytest
 import torch
 from analysis_fixtures import train_tiny_causal_runs, write_pairs_csv
 
-from analysis import ProbeSet, load_model
 from flatlora import cli
+from flatlora_analysis import ProbeSet, load_model
 
 pytest.importorskip("gguf", reason="causal-LM tests use the default LLM's tokenizer (pip install gguf)")
 
@@ -170,8 +170,8 @@ def test_the_merged_space_refuses_a_quantized_base_and_lora_still_works(tiny_gpt
     import transformers as tf
     from peft import LoraConfig, get_peft_model
 
-    from analysis.spaces import build_space
     from flatlora import FlatLoraError
+    from flatlora_analysis.spaces import build_space
 
     config = LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["c_attn"], fan_in_fan_out=True)
     model = get_peft_model(tf.AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir), config)
@@ -188,8 +188,8 @@ def test_the_outside_check_top_eigenvalue_equals_a_dense_float64_hessian(tmp_pat
 
     from test_analysis_hessian import reference_hessian
 
-    from analysis import top_eigenvalues
-    from analysis.objective import double_backward_attention
+    from flatlora_analysis import top_eigenvalues
+    from flatlora_analysis.objective import double_backward_attention
 
     adapter = stock_adapter(tiny_gpt2_dir, tmp_path / "adapter", target_modules=["c_attn"], r=1)
     model, tokenizer = load_model(adapter, tiny_gpt2_dir, device="cpu")
@@ -216,8 +216,8 @@ def test_scored_positions_only_give_the_models_own_loss_and_gradient(tmp_path, p
     """The LM head on scored positions only (logits_to_keep) equals the model's loss over the full logits."""
     from torch.func import functional_call
 
-    from analysis.probe import takes_logits_mask
-    from analysis.spaces import build_space
+    from flatlora_analysis.probe import takes_logits_mask
+    from flatlora_analysis.spaces import build_space
 
     base = request.getfixturevalue(f"tiny_{arch}_dir")
     model, tokenizer = load_model(stock_adapter(base, tmp_path / "adapter"), base, device="cpu")
@@ -249,7 +249,7 @@ def test_scored_positions_only_give_the_models_own_loss_and_gradient(tmp_path, p
 @pytest.mark.parametrize("space", ["lora", "b", "merged", "all"])
 def test_every_measure_runs_on_a_causal_probe_in_every_space(tmp_path, pairs_csv, arch, space, request):
     """Sharpness, lambda_max and a landscape on GPT-2 (Conv1D) and LLaMA adapters, the model left bit-identical."""
-    from analysis import landscape_1d, sharpness, top_eigenvalues
+    from flatlora_analysis import landscape_1d, sharpness, top_eigenvalues
 
     base = request.getfixturevalue(f"tiny_{arch}_dir")
     model, tokenizer = load_model(stock_adapter(base, tmp_path / "adapter"), base, device="cpu")

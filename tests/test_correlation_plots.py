@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from analysis import correlate, correlation_table, granulated_kendall, plots
-from analysis.landscape import LandscapeResult
 from flatlora import FlatLoraError
+from flatlora_analysis import correlate, correlation_table, granulated_kendall, plots
+from flatlora_analysis.landscape import LandscapeResult
 
 
 def grid_rows(measure_of, seed=0):
@@ -143,8 +143,8 @@ def _entries():
 
 
 def test_every_builder_returns_the_expected_traces():
-    from analysis.ema_error import EmaErrorResult
-    from analysis.hessian import DensityResult, LayerCurvatureResult
+    from flatlora_analysis.ema_error import EmaErrorResult
+    from flatlora_analysis.hessian import DensityResult, LayerCurvatureResult
 
     curve = LandscapeResult("1d", np.linspace(-1, 1, 5), np.arange(5.0), 2.0)
     one = plots.landscape_1d_figure({"lora": curve, "eflat": curve.to_dict()})
@@ -166,7 +166,11 @@ def test_every_builder_returns_the_expected_traces():
     assert len(plots.ema_error_figure({"eflat": series}).data) == 2
     rows = grid_rows(lambda gap, rng: gap)
     scatter = plots.correlation_scatter_figure(rows, "measure", "gap")
-    assert "Kendall tau = 1.00" in scatter.layout.title.text and len(scatter.data) == 2
+    assert scatter.layout.title.text == "gap vs measure" and len(scatter.data) == 2  # no statistic of its own
+    computed = correlate(rows, "measure", "gap", n_resamples=0)
+    for given in (computed, computed.to_dict()):
+        scatter = plots.correlation_scatter_figure(rows, "measure", "gap", correlation=given)
+        assert "Kendall tau = 1.00" in scatter.layout.title.text and "Psi = 1.00" in scatter.layout.title.text
     for fig in (
         plots.landscape_1d_png({"a": curve}),
         plots.density_png({"a": density}),
@@ -175,13 +179,13 @@ def test_every_builder_returns_the_expected_traces():
         plots.realized_norm_png(histories),
         plots.ema_error_png({"e": series}),
         plots.sharpness_bars_png(entries),
-        plots.correlation_scatter_png(rows, "measure", "gap"),
+        plots.correlation_scatter_png(rows, "measure", "gap", correlation=computed),
     ):
         assert fig.axes and fig.axes[0].has_data()
 
 
 def test_a_run_keeps_its_colour_whatever_order_a_figure_lists_the_runs_in():
-    from analysis.plots.figures import color_for
+    from flatlora_analysis.plots.figures import color_for
 
     order, other = ["lora", "flat-lora", "eflat-lora"], ["eflat-lora", "lora", "flat-lora"]
     assert [color_for(m, order) for m in other] == [color_for(m, other) for m in other]

@@ -9,8 +9,10 @@ import pytest
 import torch
 from analysis_fixtures import TinyClassifier, assert_same_state, lora_wrap, model_state
 
-from analysis import ProbeSet, evaluate_loss
-from analysis.flatness import (
+from flatlora import FlatLoraError
+from flatlora.models import tiny_batches, tiny_model
+from flatlora_analysis import ProbeSet, evaluate_loss
+from flatlora_analysis.flatness import (
     PacBayesResult,
     RelativeFlatnessResult,
     adaptive_sharpness,
@@ -21,9 +23,7 @@ from analysis.flatness import (
     pac_bayes_sigma,
     relative_flatness,
 )
-from analysis.results import Result
-from flatlora import FlatLoraError
-from flatlora.models import tiny_batches, tiny_model
+from flatlora_analysis.results import Result
 
 
 class Quadratic:
@@ -93,7 +93,7 @@ def test_adaptive_sharpness_is_invariant_to_rescaling_the_logit_layer():
 
 def test_adaptive_linf_sharpness_of_a_linear_loss_is_rho_sum_abs_g_w():
     """For L = g^T w the l-inf |w|-ball maximum is rho sum |g_i w_i| (the SAM start is already optimal)."""
-    from analysis.sharpness import worst_case
+    from flatlora_analysis.sharpness import worst_case
 
     g = torch.tensor([0.5, -2.0, 1.0, 0.0], dtype=torch.float64)
     w = torch.tensor([1.0, 0.3, -2.0, 4.0], dtype=torch.float64)

@@ -15,11 +15,19 @@ import torch
 from analysis_fixtures import TinyClassifier, assert_same_state, lora_wrap, model_state, train_tiny_runs
 from analysis_fixtures import write_reviews_csv as write_csv
 
-from analysis import ProbeSet, build_space, evaluate_loss, hessian_operator, interpolate, landscape_1d, landscape_2d
-from analysis.landscape import LandscapeResult, filter_normalize, random_directions
-from analysis.loading import load_model
 from flatlora import cli
 from flatlora.models import save_tiny_text_model, tiny_batches, tiny_model
+from flatlora_analysis import (
+    ProbeSet,
+    build_space,
+    evaluate_loss,
+    hessian_operator,
+    interpolate,
+    landscape_1d,
+    landscape_2d,
+)
+from flatlora_analysis.landscape import LandscapeResult, filter_normalize, random_directions
+from flatlora_analysis.loading import load_model
 
 
 def classifier_probe(n=24, seed=0):
@@ -132,7 +140,7 @@ def test_pca_plane_projects_the_saved_trajectory(runs):
 
 
 def test_results_round_trip_through_json_and_npz(tmp_path):
-    from analysis.landscape import load_landscape, save_landscape
+    from flatlora_analysis.landscape import load_landscape, save_landscape
 
     model = lora_wrap(TinyClassifier(6, 5, 3))
     result = landscape_2d(model, classifier_probe(), steps=3, span=0.1)

@@ -35,7 +35,7 @@ def test_flatlora_never_imports_analysis_or_app():
     modules = _imported_after(
         "import flatlora.cli, flatlora.experiment, flatlora.trainer, flatlora.runs, flatlora.data, flatlora.models"
     )
-    assert not {m for m in modules if m.split(".")[0] in ("analysis", "app")}
+    assert not {m for m in modules if m.split(".")[0] in ("flatlora_analysis", "flatlora_app")}
 
 
 def test_the_export_table_and_all_agree():

@@ -246,7 +246,7 @@ def test_a_folder_with_an_unfinished_run_measures_the_finished_ones_and_names_th
     folder = tmp_path / "sweep"
     shutil.copytree(world / "runs" / "lora-seed1", folder / "lora-seed1")
     shutil.copytree(world / "bad" / "running", folder / "running")
-    from analysis.loading import resolve_targets
+    from flatlora_analysis.loading import resolve_targets
 
     targets = resolve_targets([folder])
     assert [t.name for t in targets] == ["lora-seed1"]

@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 from analysis_fixtures import train_tiny_runs, write_reviews_csv
 
-from analysis import (
+from flatlora import FlatLoraError, cli
+from flatlora.models import save_tiny_text_model
+from flatlora.runs import load_run
+from flatlora_analysis import (
     ProbeSet,
     balance_trajectory,
     balancedness,
@@ -23,9 +26,6 @@ from analysis import (
     evaluate_loss,
     load_model,
 )
-from flatlora import FlatLoraError, cli
-from flatlora.models import save_tiny_text_model
-from flatlora.runs import load_run
 
 QUICK = ["--quick", "--examples", "8", "--batch-size", "4", "--no-progress"]
 
@@ -94,8 +94,8 @@ def test_theorem2_series_from_the_log_and_recomputed_at_the_checkpoint(runs):
 
 
 def test_command_line_presets_keep_their_own_sizes_unless_an_option_overrides_them():
-    from analysis.report import PRESETS, preset
     from flatlora.cli_measure import report_settings
+    from flatlora_analysis.report import PRESETS, preset
 
     parser = cli.build_parser()
     for flags, name in (([], "default"), (["--quick"], "quick"), (["--full"], "full")):

@@ -1,14 +1,14 @@
 """Hessian measures: an HVP operator kept apart from the algorithms that use it."""
 
-from analysis.hessian.density import broadened_density, slq
-from analysis.hessian.lanczos import (
+from flatlora_analysis.hessian.density import broadened_density, slq
+from flatlora_analysis.hessian.lanczos import (
     EigenEstimate,
     eigsh_eigenvalues,
     lanczos_eigenvalues,
     lanczos_tridiagonal,
     power_eigenvalues,
 )
-from analysis.hessian.measures import (
+from flatlora_analysis.hessian.measures import (
     DensityResult,
     EigenResult,
     LayerCurvatureResult,
@@ -19,8 +19,8 @@ from analysis.hessian.measures import (
     spectral_density,
     top_eigenvalues,
 )
-from analysis.hessian.operator import DenseOperator, HessianOperator
-from analysis.hessian.trace import hutchinson, hutchpp
+from flatlora_analysis.hessian.operator import DenseOperator, HessianOperator
+from flatlora_analysis.hessian.trace import hutchinson, hutchpp
 
 __all__ = [
     "DenseOperator",

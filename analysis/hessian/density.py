@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 
-from analysis.hessian.lanczos import _random_unit, lanczos_tridiagonal
 from flatlora.errors import FlatLoraError
+from flatlora_analysis.hessian.lanczos import _random_unit, lanczos_tridiagonal
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Extreme eigenvalues of a symmetric operator: Lanczos, power iteration, and scipy's eigsh.
 
 Operators need ``matvec``, ``dim``, ``dtype``, ``device`` and ``n_products`` (see
-``analysis.hessian.operator``). Vectors of the Krylov basis are kept in float64.
+``flatlora_analysis.hessian.operator``). Vectors of the Krylov basis are kept in float64.
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ def power_eigenvalues(
     values, vectors, converged = _deflated_power(op, k, tol, max_iter, generator)
     shift = 0.0
     if which == "algebraic" and values[0] < 0:
-        from analysis.hessian.operator import ShiftedOperator
+        from flatlora_analysis.hessian.operator import ShiftedOperator
 
         shift = values[0]
         shifted, vectors, converged = _deflated_power(ShiftedOperator(op, shift), k, tol, max_iter, generator)
@@ -300,7 +300,7 @@ def eigsh_eigenvalues(
     """scipy's ARPACK ``eigsh`` (implicitly restarted Lanczos) over the operator, on the host."""
     from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
-    from analysis.hessian.operator import as_linear_operator
+    from flatlora_analysis.hessian.operator import as_linear_operator
 
     if k >= op.dim:
         raise FlatLoraError(f"eigsh needs k < dimension ({op.dim}): ask for fewer, or use solver='lanczos'")

@@ -1,6 +1,6 @@
 """The Hessian measures on a model: top eigenvalues, trace, spectral density, per-layer curvature.
 
-Each builds a :class:`~analysis.hessian.operator.HessianOperator` on the probe set in a space
+Each builds a :class:`~flatlora_analysis.hessian.operator.HessianOperator` on the probe set in a space
 and runs an algorithm of this package on it (or, with ``backend="pyhessian"``, the same
 quantity through the ``pyhessian`` package). The model is left bit-identical.
 """
@@ -16,16 +16,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from analysis.guard import measuring
-from analysis.hessian.density import broadened_density, slq
-from analysis.hessian.lanczos import eigsh_eigenvalues, lanczos_eigenvalues, power_eigenvalues
-from analysis.hessian.operator import HessianOperator
-from analysis.hessian.trace import TRACE_METHODS, hutchinson, hutchpp
-from analysis.objective import ModelObjective
-from analysis.probe import ProbeSet
-from analysis.results import Result
-from analysis.spaces import build_space
 from flatlora.errors import FlatLoraError
+from flatlora_analysis.guard import measuring
+from flatlora_analysis.hessian.density import broadened_density, slq
+from flatlora_analysis.hessian.lanczos import eigsh_eigenvalues, lanczos_eigenvalues, power_eigenvalues
+from flatlora_analysis.hessian.operator import HessianOperator
+from flatlora_analysis.hessian.trace import TRACE_METHODS, hutchinson, hutchpp
+from flatlora_analysis.objective import ModelObjective
+from flatlora_analysis.probe import ProbeSet
+from flatlora_analysis.results import Result
+from flatlora_analysis.spaces import build_space
 
 SOLVERS = ("lanczos", "eigsh", "power")
 BACKENDS = ("flatlora", "pyhessian")
@@ -193,7 +193,7 @@ def top_eigenvalues(
         **probe.weighting_settings(),
     }
     if backend == "pyhessian":
-        from analysis.hessian.pyhessian_backend import pyhessian_eigenvalues
+        from flatlora_analysis.hessian.pyhessian_backend import pyhessian_eigenvalues
 
         est, meta = pyhessian_eigenvalues(
             model, probe, space, k=k, tol=tol, max_iter=max_iter or 100, seed=seed, device=device
@@ -254,7 +254,7 @@ def hessian_trace(
         **probe.weighting_settings(),
     }
     if backend == "pyhessian":
-        from analysis.hessian.pyhessian_backend import pyhessian_trace
+        from flatlora_analysis.hessian.pyhessian_backend import pyhessian_trace
 
         est, meta = pyhessian_trace(model, probe, space, samples=samples, tol=tol or 1e-3, seed=seed, device=device)
     else:

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from analysis.objective import ModelObjective, double_backward_attention
 from flatlora.errors import FlatLoraError
+from flatlora_analysis.objective import ModelObjective, double_backward_attention
 
 HVP_METHODS = ("autograd", "fd", "auto")
 
@@ -64,7 +64,7 @@ class HessianOperator:
     no double backward (accurate to about eps^2; ``fd_eps`` is relative to ||w||). ``"auto"``
     tries double backward and falls back to ``fd`` where it is not implemented.
 
-    Use inside :func:`analysis.guard.measuring`; call :meth:`close` (or use ``with``) to free
+    Use inside :func:`flatlora_analysis.guard.measuring`; call :meth:`close` (or use ``with``) to free
     the retained graph.
     """
 

@@ -27,13 +27,13 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from analysis.guard import measuring
-from analysis.hessian.lanczos import EigenEstimate
-from analysis.hessian.trace import TraceEstimate
-from analysis.objective import double_backward_attention
-from analysis.probe import ProbeSet, batch_size_of
-from analysis.spaces import Space, build_space
 from flatlora.errors import FlatLoraError
+from flatlora_analysis.guard import measuring
+from flatlora_analysis.hessian.lanczos import EigenEstimate
+from flatlora_analysis.hessian.trace import TraceEstimate
+from flatlora_analysis.objective import double_backward_attention
+from flatlora_analysis.probe import ProbeSet, batch_size_of
+from flatlora_analysis.spaces import Space, build_space
 
 
 def _module():

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from analysis.spaces import Space
 from flatlora.errors import FlatLoraError
 from flatlora.lora import LoraPair, find_lora_pairs
+from flatlora_analysis.spaces import Space
 
 
 @dataclass(frozen=True)
@@ -242,7 +242,7 @@ def pca_axes(model: nn.Module, space: Space, folders: list[Path], steps: list[in
 
 
 def trajectory_folders(run_path: str | Path) -> tuple[list[Path], list[int]]:
-    from analysis.balance import trajectory_steps
+    from flatlora_analysis.balance import trajectory_steps
 
     found = trajectory_steps(run_path)
     if not found:

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from analysis.guard import measuring
-from analysis.landscape import directions as dirs
-from analysis.probe import ProbeSet
-from analysis.results import Result
-from analysis.spaces import build_space
 from flatlora.errors import FlatLoraError
+from flatlora_analysis.guard import measuring
+from flatlora_analysis.landscape import directions as dirs
+from flatlora_analysis.probe import ProbeSet
+from flatlora_analysis.results import Result
+from flatlora_analysis.spaces import build_space
 
 Progress = Callable[[int, int], None]
 

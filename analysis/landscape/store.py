@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from analysis.landscape.grid import LandscapeResult
-from analysis.results import cache_key
+from flatlora_analysis.landscape.grid import LandscapeResult
+from flatlora_analysis.results import cache_key
 
 
 def landscape_paths(folder: str | Path, key: str) -> tuple[Path, Path]:
@@ -77,7 +77,7 @@ def landscape_settings(
 
 def landscape_key(adapter: str | Path, kind: str, settings: dict[str, Any], other: str | Path | None = None):
     """What identifies a saved landscape: the adapter's (and other's) content, the kind, its settings."""
-    from analysis.loading import adapter_hash
+    from flatlora_analysis.loading import adapter_hash
 
     parts = {"adapter": adapter_hash(adapter), "kind": kind, **settings}
     if other is not None:

@@ -1,6 +1,6 @@
 """Figure builders: plotly for the app, the HTML report and notebooks; matplotlib twins for PNGs."""
 
-from analysis.plots.figures import (
+from flatlora_analysis.plots.figures import (
     balance_figure,
     correlation_scatter_figure,
     curvature_bars_figure,
@@ -13,7 +13,7 @@ from analysis.plots.figures import (
     realized_norm_figure,
     sharpness_bars_figure,
 )
-from analysis.plots.png import (
+from flatlora_analysis.plots.png import (
     balance_png,
     correlation_scatter_png,
     density_png,
@@ -25,7 +25,7 @@ from analysis.plots.png import (
     realized_norm_png,
     sharpness_bars_png,
 )
-from analysis.plots.study import beta_sweep_figure, beta_sweep_png, realized_ratio_figure, realized_ratio_png
+from flatlora_analysis.plots.study import beta_sweep_figure, beta_sweep_png, realized_ratio_figure, realized_ratio_png
 
 __all__ = [
     "balance_figure",

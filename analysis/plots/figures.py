@@ -3,7 +3,7 @@
 One set of builders serves the HTML report, the dashboard and the notebooks. No file I/O and
 no Streamlit here. Builders take result objects or their ``to_dict()`` form, and report
 entries (dicts) where several runs are compared. Grids follow the convention of
-``analysis.landscape``: ``z[i, j]`` is the value at ``(x[i], y[j])``; plotly draws
+``flatlora_analysis.landscape``: ``z[i, j]`` is the value at ``(x[i], y[j])``; plotly draws
 ``z[row][column]`` at ``(x[column], y[row])``, so the builders hand it ``z.T``.
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analysis.results import Result
+from flatlora_analysis.results import Result
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf")
 
@@ -334,20 +334,35 @@ def balance_figure(trajectories: Mapping[str, Any], title: str = "Balancedness s
 # ----------------------------------------------------------------------------- correlation
 
 
+def correlation_title(measure: str, target: str, correlation: Any = None) -> str:
+    """``target vs measure``, with the Kendall tau and granulated Psi of an already computed ``correlation``."""
+    title = f"{target} vs {measure}"
+    if correlation is None:
+        return title
+    c = correlation.to_dict() if hasattr(correlation, "to_dict") else correlation
+    tau, psi = (c.get(k) or {} for k in ("kendall", "granulated"))
+    if tau.get("value") is not None:
+        title += f" (Kendall tau = {tau['value']:.2f}"
+        title += f", granulated Psi = {psi['value']:.2f})" if psi.get("value") is not None else ")"
+    return title
+
+
 def correlation_scatter_figure(
-    source: dict[str, Any] | Sequence[dict[str, Any]],
+    rows: Sequence[dict[str, Any]],
     measure: str | None = None,
     target: str = "test_accuracy",
+    correlation: Any = None,
 ) -> go.Figure:
-    """A measure against a generalization figure across runs, coloured by method, tau in the title.
+    """A measure against a generalization figure across runs (summary rows), coloured by method.
 
-    ``source`` is a report dict or its summary rows; ``measure`` defaults to the first measure
-    column (a sharpness figure).
+    ``measure`` defaults to the first measure column. ``correlation`` is the correlation of the
+    pair as already computed (a :class:`~flatlora_analysis.correlation.CorrelationResult`, its
+    ``to_dict()``, or a row of a report's correlation section): its tau and Psi go in the title.
+    The builder computes no statistic itself.
     """
-    from analysis.correlation import correlate, measure_columns
-    from analysis.report.render import summary_rows
+    from flatlora_analysis.correlation import measure_columns
 
-    rows = summary_rows(source) if isinstance(source, dict) else list(source)
+    rows = list(rows)
     measure = measure or next(iter(measure_columns(rows)), None)
     fig = go.Figure()
     usable = [r for r in rows if r.get(measure) is not None and r.get(target) is not None]
@@ -364,8 +379,4 @@ def correlation_scatter_figure(
                 marker={"size": 10, "color": color_for(method, methods)},
             )
         )
-    title = f"{target} vs {measure}"
-    if len(usable) >= 3:
-        c = correlate(usable, measure, target, n_resamples=200)
-        title += f" (Kendall tau = {c.kendall['value']:.2f}, granulated Psi = {c.granulated['value']:.2f})"
-    return _layout(fig, title, measure, target)
+    return _layout(fig, correlation_title(measure, target, correlation), measure, target)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from analysis.plots.figures import PALETTE, _obj, color_for
+from flatlora_analysis.plots.figures import PALETTE, _obj, color_for, correlation_title
 
 
 def _figure(cols: int = 1, width: float = 6.4, height: float = 4.2) -> tuple[Figure, list]:
@@ -38,7 +38,7 @@ def landscape_1d_png(curves: Mapping[str, Any], title: str = "Loss along a direc
 
 def landscape_2d_png(result: Any, title: str = "Loss landscape") -> Figure:
     """A 3-D surface and a filled map with contour lines (and the trajectory, if any)."""
-    from analysis.plots.figures import _axis_labels
+    from flatlora_analysis.plots.figures import _axis_labels
 
     r = _obj(result)
     x, y, z = np.asarray(r.x), np.asarray(r.y), np.asarray(r.z)
@@ -181,18 +181,16 @@ def sharpness_bars_png(entries: Sequence[dict[str, Any]], title: str = "Sharpnes
     return fig
 
 
-def correlation_scatter_png(rows: Sequence[dict[str, Any]], measure: str, target: str = "test_accuracy") -> Figure:
-    from analysis.correlation import correlate
-
+def correlation_scatter_png(
+    rows: Sequence[dict[str, Any]], measure: str, target: str = "test_accuracy", correlation: Any = None
+) -> Figure:
+    """The matplotlib twin of ``correlation_scatter_figure`` (``correlation``: already computed, for the title)."""
     fig, (ax,) = _figure()
     usable = [r for r in rows if r.get(measure) is not None and r.get(target) is not None]
     methods = list(dict.fromkeys(r.get("method") or "adapter" for r in usable))
     for method in methods:
         pts = [r for r in usable if (r.get("method") or "adapter") == method]
         ax.scatter([r[measure] for r in pts], [r[target] for r in pts], color=color_for(method, methods), label=method)
-    title = f"{target} vs {measure}"
-    if len(usable) >= 3:
-        title += f" (Kendall tau = {correlate(usable, measure, target, n_resamples=0).kendall['value']:.2f})"
-    ax.set(title=title, xlabel=measure, ylabel=target)
+    ax.set(title=correlation_title(measure, target, correlation), xlabel=measure, ylabel=target)
     ax.legend()
     return fig

@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 from matplotlib.figure import Figure
 from plotly.subplots import make_subplots
 
-from analysis.plots.figures import _layout, color_for
+from flatlora_analysis.plots.figures import _layout, color_for
 
 Histories = Sequence[Sequence[dict[str, Any]]]
 

@@ -14,11 +14,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from analysis.loading import Target, resolve_targets
-from analysis.probe_data import ProbeData
-from analysis.report.measure import Cache, ProgressFactory, build_probe, measure_target
-from analysis.report.settings import ReportSettings
 from flatlora.errors import FlatLoraError
+from flatlora_analysis.loading import Target, resolve_targets
+from flatlora_analysis.probe_data import ProbeData
+from flatlora_analysis.report.measure import Cache, ProgressFactory, build_probe, measure_target
+from flatlora_analysis.report.settings import ReportSettings
 
 REPORT_FORMAT = 1
 SHARD_GLOB = "report.shard-*-of-*.json"
@@ -54,10 +54,10 @@ def validate_targets(targets: list[Target], settings: ReportSettings, base_model
     probe's token ids fit the base model's vocabulary, both spaces exist (the merged space needs
     plain LoRA on a float base), and ``eig_k`` is at most the Hessian space's dimension.
     """
-    from analysis.loading import load_model
-    from analysis.probe_data import check_probe_fits
-    from analysis.spaces import build_space
     from flatlora.lora import find_lora_pairs, require_plain_lora
+    from flatlora_analysis.loading import load_model
+    from flatlora_analysis.probe_data import check_probe_fits
+    from flatlora_analysis.spaces import build_space
 
     data = ProbeData.of(data)
     for target in targets:
@@ -103,9 +103,9 @@ def build_report(
     Args:
         paths: run directories, adapter folders, or folders of runs.
         out: the report folder (report.json, .csv, .md, .html, cache/).
-        settings: what to measure (:data:`analysis.report.PRESETS`).
+        settings: what to measure (:data:`flatlora_analysis.report.PRESETS`).
         base_model, data: for bare adapters (and to override a run's data): ``data`` a ``--data``
-            spec or a :class:`analysis.probe_data.ProbeData` (task and column options).
+            spec or a :class:`flatlora_analysis.probe_data.ProbeData` (task and column options).
         shard: (i, n) to measure every n-th target only; join with :func:`merge_shards`.
         progress: factory of ``(done, total)`` callbacks per measure, by label.
         targets_progress: wraps the list of targets (tqdm).
@@ -217,6 +217,6 @@ def merge_shards(out: str | Path) -> dict[str, Any]:
 
 def _finish(report: dict[str, Any], out: Path) -> None:
     """Add the cross-run sections and write report.json, .csv, .md and .html atomically."""
-    from analysis.report.render import write_report_files
+    from flatlora_analysis.report.render import write_report_files
 
     write_report_files(report, out)

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from analysis.loading import Target
-from analysis.probe_data import ProbeData, build_target_probe
-from analysis.report.settings import ReportSettings, cache_key
 from flatlora.errors import FlatLoraError
+from flatlora_analysis.loading import Target
+from flatlora_analysis.probe_data import ProbeData, build_target_probe
+from flatlora_analysis.report.settings import ReportSettings, cache_key
 
 CACHE_FORMAT = 1
 HISTORY_KEYS = (
@@ -74,7 +74,7 @@ class _Lazy:
     @property
     def model(self):
         if self._model is None:
-            from analysis.loading import load_model
+            from flatlora_analysis.loading import load_model
 
             self._model, self._tokenizer = load_model(self.target, self.base_model, device=self.device)
         return self._model
@@ -108,8 +108,8 @@ def _history(run) -> list[dict[str, Any]]:
 
 def _landscape_1d(target, run, s: ReportSettings, data, lazy, cached, cb, device) -> dict[str, Any]:
     """The 1-D landscape of the report; for a run it is also saved in (and reused from) RUN/analysis/."""
-    from analysis.landscape import cached_landscape, landscape_1d
-    from analysis.landscape.store import landscape_key
+    from flatlora_analysis.landscape import cached_landscape, landscape_1d
+    from flatlora_analysis.landscape.store import landscape_key
 
     opts = s.landscape_settings(data)
 
@@ -133,8 +133,8 @@ def _landscape_1d(target, run, s: ReportSettings, data, lazy, cached, cb, device
 
 def _flatness(task: str, s: ReportSettings, lazy, cached, cb, device) -> dict[str, Any]:
     """The literature's flatness measures of ``s.flatness`` that apply to ``task`` (name -> result)."""
-    from analysis import flatness
-    from analysis.probe_data import CAUSAL_LM
+    from flatlora_analysis import flatness
+    from flatlora_analysis.probe_data import CAUSAL_LM
 
     out: dict[str, Any] = {}
     for name in s.flatness:
@@ -170,9 +170,9 @@ def measure_target(
     progress: ProgressFactory | None = None,
 ) -> dict[str, Any]:
     """The report entry of one adapter: identity, task, run metrics, and every measure of ``settings``."""
-    from analysis import balance, ema_error, hessian
-    from analysis.probe_data import target_task
-    from analysis.sharpness import sharpness
+    from flatlora_analysis import balance, ema_error, hessian
+    from flatlora_analysis.probe_data import target_task
+    from flatlora_analysis.sharpness import sharpness
 
     data = ProbeData.of(data)
     run = target.run()
@@ -324,7 +324,7 @@ def measure_target(
 
             checkpoint = latest_checkpoint(run.path / "checkpoint")
             if s.ema_checkpoint and checkpoint is not None:
-                from analysis.loading import adapter_hash as folder_hash
+                from flatlora_analysis.loading import adapter_hash as folder_hash
 
                 opts = {"checkpoint": folder_hash(checkpoint), "seed": s.seed}
                 entry["ema_error"]["checkpoint"] = cached(

@@ -14,64 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from flatlora.runs import atomic_write_json, atomic_write_text
-
-# A causal-LM run's final test metrics shown beside its measures (perplexity, then the E2E metrics).
-CAUSAL_METRICS = ("test_perplexity", "test_bleu", "test_nist", "test_meteor", "test_rouge_l", "test_cider")
-
-
-def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One flat row per entry: identity, hyperparameters, metrics, and one column per measure."""
-    rows = []
-    for e in report["entries"]:
-        h, m = e.get("hparams") or {}, e.get("metrics") or {}
-        row: dict[str, Any] = {
-            "name": e["name"],
-            "method": e.get("method") or "",
-            "rho_train": h.get("rho") if e.get("method") not in (None, "lora") else None,
-            "lr": h.get("lr"),
-            "seed": h.get("seed"),
-            "train_loss": m.get("train_loss"),
-            "test_loss": m.get("test_loss"),
-            "test_accuracy": m.get("test_accuracy"),
-            "gap": _gap(m),
-        }
-        if e.get("task") == "causal-lm":
-            row["task"] = "causal-lm"
-            row.pop("test_accuracy")
-            row.update({k: m.get(k) for k in CAUSAL_METRICS if m.get(k) is not None})
-            clean = next((s["clean_loss"] for s in e.get("sharpness", []) if s.get("clean_loss") is not None), None)
-            if clean is not None:  # the probe's token-mean loss: a bare adapter's only measured fit
-                row["probe_perplexity"] = math.exp(clean) if clean < 700 else math.inf
-        for s in e.get("sharpness", []):
-            row[f"sharpness_{s['kind']}_rho{s['rho']:g}"] = s["value"]
-        flat = e.get("flatness") or {}
-        if flat.get("adaptive-worst"):
-            row[f"adaptive_sharpness_rho{flat['adaptive-worst']['rho']:g}"] = flat["adaptive-worst"]["value"]
-        for name, column in (("pac-bayes", "pac_bayes_flatness"), ("relative", "relative_flatness")):
-            if flat.get(name):
-                row[column] = flat[name]["value"]
-        hess = e.get("hessian", {})
-        if hess.get("top_eigenvalues"):
-            row["lambda_max"] = hess["top_eigenvalues"]["eigenvalues"][0]
-        if hess.get("trace"):
-            row["trace"] = hess["trace"]["trace"]
-            row["trace_stderr"] = hess["trace"]["stderr"]
-        row["balancedness"] = e.get("balancedness", {}).get("total")
-        ema = e.get("ema_error") or {}
-        if ema.get("checkpoint"):
-            row["ema_rel_error_checkpoint"] = ema["checkpoint"]["rel_error"][0]
-        if ema.get("log"):
-            finite = [v for v in ema["log"]["rel_error"] if v is not None]
-            row["ema_rel_error_log_last"] = finite[-1] if finite else None
-        rows.append(row)
-    return rows
-
-
-def _gap(metrics: dict[str, Any]) -> float | None:
-    """Generalization gap: test loss minus train loss (positive when the model does worse on test)."""
-    if metrics.get("train_loss") is None or metrics.get("test_loss") is None:
-        return None
-    return metrics["test_loss"] - metrics["train_loss"]
+from flatlora_analysis.report.tables import report_correlation, summary_rows
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -138,7 +81,7 @@ def _ci(stat: dict[str, Any] | None) -> str:
 
 
 def _figures(report: dict[str, Any]) -> list[tuple[str, Any]]:
-    from analysis import plots
+    from flatlora_analysis import plots
 
     entries = report["entries"]
     figs = [("Sharpness", plots.sharpness_bars_figure(entries)), ("Curvature", plots.curvature_bars_figure(entries))]
@@ -164,7 +107,13 @@ def _figures(report: dict[str, Any]) -> list[tuple[str, Any]]:
         figs.append((name, fig))
     corr = report.get("correlation")
     if corr and corr.get("rows"):
-        figs.append(("Sharpness vs generalization", plots.correlation_scatter_figure(report)))
+        first = corr["rows"][0]
+        figs.append(
+            (
+                "Sharpness vs generalization",
+                plots.correlation_scatter_figure(summary_rows(report), first["measure"], first["target"], first),
+            )
+        )
     return figs
 
 
@@ -196,8 +145,6 @@ def to_html(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 def write_report_files(report: dict[str, Any], out: Path) -> None:
     """report.json, report.csv, report.md and report.html into ``out``, each atomically."""
-    from analysis.correlation import report_correlation
-
     report["correlation"] = report_correlation(report)
     rows = summary_rows(report)
     atomic_write_json(out / "report.json", report)

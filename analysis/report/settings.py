@@ -7,11 +7,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from analysis.flatness import FLATNESS
-from analysis.results import cache_key  # noqa: F401  (re-exported for the report modules)
-from analysis.sharpness import KINDS
-from analysis.spaces import SPACES
 from flatlora.errors import FlatLoraError
+from flatlora_analysis.flatness import FLATNESS
+from flatlora_analysis.results import cache_key  # noqa: F401  (re-exported for the report modules)
+from flatlora_analysis.sharpness import KINDS
+from flatlora_analysis.spaces import SPACES
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class ReportSettings:
         layers, layer_trace_samples: per-layer top eigenvalue and trace (Hutch++ products per layer).
         landscape_steps, landscape_span: a 1-D landscape along a filter-normalized Gaussian
             direction of the sharpness space (0 steps: skip); saved in a run's analysis/ too.
-        flatness: the literature's measures (``analysis.flatness``): ``adaptive-worst``
+        flatness: the literature's measures (``flatlora_analysis.flatness``): ``adaptive-worst``
             (adaptive l-inf worst-case sharpness with logit normalization at radius
             ``adaptive_rho``, ``worst_steps`` ascent steps; classifiers), ``pac-bayes``
             (1 / sigma^2 for a mean loss increase of ``pac_bayes_target``, ``pac_bayes_samples``
@@ -129,10 +129,10 @@ class ReportSettings:
     def landscape_settings(self, data: Any = None) -> dict[str, Any]:
         """The settings that name this report's 1-D landscape in a run's analysis/ folder.
 
-        ``data``: None (the run's own data), a ``--data`` spec, or an :class:`analysis.probe_data.ProbeData`.
+        ``data``: None (the run's own data), a ``--data`` spec, or an :class:`flatlora_analysis.probe_data.ProbeData`.
         """
-        from analysis.landscape.store import landscape_settings
-        from analysis.probe_data import ProbeData
+        from flatlora_analysis.landscape.store import landscape_settings
+        from flatlora_analysis.probe_data import ProbeData
 
         data = ProbeData.of(data)
 

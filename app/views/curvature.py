@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from analysis import plots
-from app import loaders
+from flatlora_analysis import plots
+from flatlora_app import loaders
 
 st.title("Curvature (Hessian)")
 root = loaders.runs_folder_or_stop()

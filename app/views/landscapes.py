@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from analysis import plots
-from analysis.balance import trajectory_steps
-from app import loaders
+from flatlora_analysis import plots
+from flatlora_analysis.balance import trajectory_steps
+from flatlora_app import loaders
 
 st.title("Loss landscapes")
 root = loaders.runs_folder_or_stop()

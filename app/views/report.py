@@ -6,9 +6,9 @@ import json
 
 import streamlit as st
 
-from analysis.report import build_report, preset, summary_rows
-from app import loaders
 from flatlora.errors import FlatLoraError
+from flatlora_analysis.report import build_report, preset, summary_rows
+from flatlora_app import loaders
 
 st.title("Report")
 root = loaders.runs_folder_or_stop()

@@ -15,6 +15,7 @@ from typing import Any
 
 from flatlora.errors import FlatLoraError
 from flatlora.log_keys import FINAL_SPLITS, final_key
+from flatlora.runs import absolute_data_spec
 
 
 @dataclass
@@ -125,8 +126,9 @@ class TrainConfig:
         return out
 
     def data_spec(self) -> dict[str, Any]:
+        """What run.json records of the data; a local path is made absolute, so the run is re-read from anywhere."""
         spec = {
-            "spec": self.data,
+            "spec": absolute_data_spec(self.data),
             "shots": self.shots,
             "seed": self.seed,
             "test_cap": self.test_cap,

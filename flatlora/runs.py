@@ -52,6 +52,17 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def absolute_data_spec(spec: Any) -> Any:
+    """A data spec naming an existing file or folder by path (a separator or a file suffix), made absolute.
+
+    Names (tweets, sst2, glue/<task>, hub ids with no such local folder) stay as they are.
+    """
+    if not isinstance(spec, str) or not ("/" in spec or os.sep in spec or Path(spec).suffix):
+        return spec
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
 def config_of(info: dict[str, Any]) -> dict[str, Any]:
     """What identifies a run: method, hparams, data and model, as JSON values."""
     return {key: _jsonable(info.get(key)) for key in IDENTITY_KEYS}
@@ -158,7 +169,10 @@ class RunDir:
                 f"{run.path} is not empty and holds no run: choose an empty or new --out, or pass --overwrite"
             )
         info = _read_json(run.run_json)
-        differ = _differences(config_of(info), wanted)
+        found = config_of(info)
+        if isinstance(found.get("data"), dict):  # runs from before data paths were recorded absolute
+            found["data"] = {**found["data"], "spec": absolute_data_spec(found["data"].get("spec"))}
+        differ = _differences(found, wanted)
         if differ:
             raise FlatLoraError(
                 f"{run.path} holds a different run (differs in {', '.join(differ[:5])}): "

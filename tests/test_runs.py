@@ -233,3 +233,36 @@ def test_a_run_of_a_newer_format_is_refused_in_one_line_when_read(tmp_path):
     assert snapshot(run.path) == before
     with pytest.warns(UserWarning, match="upgrade flatlora"):
         assert [r.path.name for r in list_runs(tmp_path)] == ["old"]
+
+
+def test_a_run_records_its_local_data_as_an_absolute_path(tmp_path, monkeypatch, capsys, csv_file, tiny_model_dir):
+    """A relative --data is re-read from any working directory (the report, the dashboard, a study)."""
+    import shutil
+    from pathlib import Path
+
+    from flatlora import cli
+    from flatlora.experiment import TrainConfig
+    from flatlora_analysis import ProbeSet
+
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    shutil.copy(csv_file, work / "data" / "reviews.csv")
+    monkeypatch.chdir(work)
+    argv = ["train", "--data", "data/reviews.csv", "--model", tiny_model_dir, "--shots", "4", "--steps", "1",
+            "--batch-size", "4", "--no-progress", "--out", str(tmp_path / "run")]  # fmt: skip
+    assert cli.main(argv) == 0
+    spec = json.loads((tmp_path / "run" / "run.json").read_text())["data"]["spec"]
+    assert spec == str((work / "data" / "reviews.csv").resolve())
+    monkeypatch.chdir(tmp_path)
+    assert ProbeSet.from_run(tmp_path / "run", "train", n=4, batch_size=4).n_examples == 4
+    assert TrainConfig(data="tweets").data_spec()["spec"] == "tweets"  # names stay names
+    assert TrainConfig(data="owner/no-such-dataset").data_spec()["spec"] == "owner/no-such-dataset"
+    assert Path(spec).is_absolute()
+    # a run recorded before paths were made absolute still matches its own config (here: finished, not different)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    info["data"]["spec"] = "data/reviews.csv"
+    (tmp_path / "run" / "run.json").write_text(json.dumps(info))
+    monkeypatch.chdir(work)
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    assert "holds this run, finished" in capsys.readouterr().err

@@ -388,9 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_demo_arguments(demo)
     demo.set_defaults(func=_demo)
-    from flatlora.cli_measure import add_measure_commands
+    # the measuring and showing commands live beside their packages; the root CLI lists them
+    from flatlora_analysis.cli import add_commands as add_measuring_commands
+    from flatlora_app.cli import add_commands as add_showing_commands
 
-    add_measure_commands(sub)
+    add_measuring_commands(sub)
+    add_showing_commands(sub)
     return parser
 
 

@@ -77,7 +77,7 @@ def report_settings(quick: bool):
 def run_demo(args: argparse.Namespace) -> int:
     """Train the demo's runs, measure them, print the tables and the dashboard command."""
     from flatlora.atomic import check_writable
-    from flatlora.cli_measure import ProgressBars, quiet_transformers
+    from flatlora_analysis.cli import ProgressBars, quiet_transformers
     from flatlora_analysis.report import build_report, summary_rows
 
     quiet_transformers()

@@ -94,7 +94,7 @@ def test_theorem2_series_from_the_log_and_recomputed_at_the_checkpoint(runs):
 
 
 def test_command_line_presets_keep_their_own_sizes_unless_an_option_overrides_them():
-    from flatlora.cli_measure import report_settings
+    from flatlora_analysis.cli import settings_from_args as report_settings
     from flatlora_analysis.report import PRESETS, preset
 
     parser = cli.build_parser()

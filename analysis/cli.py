@@ -1,6 +1,7 @@
-"""The measuring commands of the CLI: ``flatlora report`` (and, with the analysis issues, more).
+"""The measuring commands of the root CLI, beside the package they run: ``flatlora landscape`` and ``flatlora report``.
 
-``analysis`` is imported inside the commands only: the training half never depends on it.
+This module is light (argparse only): the measures are imported inside the commands, so
+``flatlora --help`` and ``flatlora train`` do not pay for them.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def _flatness_list(text: str) -> tuple[str, ...]:
     return () if names == ("none",) else names
 
 
-def report_settings(args: argparse.Namespace):
+def settings_from_args(args: argparse.Namespace):
     """The report's settings: the chosen preset with what the command line set explicitly."""
     from flatlora_analysis.report import preset
 
@@ -142,7 +143,7 @@ def _report(args: argparse.Namespace) -> int:
             raise FlatLoraError("name at least one run directory, adapter folder or folder of runs (or pass --merge)")
         from flatlora.atomic import check_writable
 
-        settings = report_settings(args)
+        settings = settings_from_args(args)
         shard = parse_shard(args.shard)
         check_device(args.device)
         check_writable(args.out)
@@ -314,86 +315,6 @@ def _one_target(path: str, what: str):
     return targets
 
 
-def app_command(runs: str, port: int, host: str) -> list[str]:
-    """The ``streamlit run`` command line of the dashboard on ``runs``."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("flatlora_app")
-    if spec is None or spec.origin is None or importlib.util.find_spec("streamlit") is None:
-        raise FlatLoraError("the dashboard needs streamlit and the app package: pip install 'flatlora[app]'")
-    main = Path(spec.origin).parent / "main.py"
-    return [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        str(main),
-        "--server.port",
-        str(port),
-        "--server.address",
-        host,
-        "--server.headless",
-        "true",
-        "--browser.gatherUsageStats",
-        "false",
-        "--client.toolbarMode",
-        "viewer",  # no Deploy button or developer menu: the dashboard is a local tool
-        "--",
-        "--runs",
-        runs,
-    ]
-
-
-def app_address(host: str, port: int) -> int:
-    """Check that the dashboard can listen on host:port and return the port (a free one for 0); one-line refusals."""
-    import errno
-    import socket
-
-    if isinstance(port, bool) or not 0 <= port <= 65535:
-        raise FlatLoraError(f"--port {port} is not a port: use 1..65535 (0: any free port)")
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    except (socket.gaierror, UnicodeError):
-        raise FlatLoraError(f"--host {host!r} does not resolve to an address of this machine: use 127.0.0.1") from None
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Streamlit's server binds
-        try:
-            probe.bind((host, port))
-        except PermissionError:
-            raise FlatLoraError(f"--port {port} needs privileges here: use a port above 1023") from None
-        except OSError as err:
-            if err.errno == errno.EADDRINUSE:
-                raise FlatLoraError(
-                    f"port {port} on {host} is in use: pass another --port, or stop what listens there"
-                ) from None
-            raise FlatLoraError(f"--host {host}: cannot listen there ({err.strerror}): use 127.0.0.1") from None
-        return probe.getsockname()[1]
-
-
-def _app(args: argparse.Namespace) -> int:
-    """Validate the folder, host and port, then become the Streamlit server (exec): signals reach it directly,
-    so SIGTERM or Ctrl-C to ``flatlora app`` ends the server and frees the port; no child is left behind."""
-    root = Path(args.runs)
-    if not root.exists():
-        raise FlatLoraError(f"{args.runs} does not exist: pass a folder of runs (flatlora demo writes runs/demo)")
-    if not root.is_dir():
-        raise FlatLoraError(f"{args.runs} is a file: pass the folder that holds the run directories")
-    port = app_address(args.host, args.port)
-    cmd = app_command(str(root.resolve()), port, args.host)
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"flatlora app: http://{host}:{port} on {args.runs} (Ctrl-C stops it)", flush=True)
-    sys.stderr.flush()
-    if os.name == "nt":  # no exec on Windows: a child, waited for
-        import subprocess
-
-        try:
-            return subprocess.call(cmd)
-        except KeyboardInterrupt:
-            return 0
-    os.execv(cmd[0], cmd)
-    return 0  # not reached
-
-
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
     """--base-model, --data, --task and the column options, as ``train`` has them."""
     group = parser.add_argument_group("what bare adapters are measured on")
@@ -420,18 +341,8 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the run's, else 128)")
 
 
-def add_measure_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``report``, ``landscape`` and ``app`` on the CLI's subcommands."""
-    app = sub.add_parser(
-        "app",
-        help="the Streamlit dashboard over a folder of runs",
-        description="Start the dashboard (runs, landscapes, curvature, sharpness vs generalization, report) on a "
-        "folder of runs. It binds to 127.0.0.1 unless --host says otherwise.",
-    )
-    app.add_argument("runs", nargs="?", default="runs/demo", help="folder of runs (default: runs/demo)")
-    app.add_argument("--port", type=int, default=8501, help="port (default 8501)")
-    app.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    app.set_defaults(func=_app)
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register the measuring commands, ``landscape`` and ``report``, on the root CLI's subcommands."""
     land = sub.add_parser(
         "landscape",
         help="loss landscape of a run: 1-D, 2-D, trajectory PCA, or between two adapters",

@@ -40,11 +40,10 @@ def clear_caches() -> None:
 
 def measure_defaults(root: str | None = None) -> dict[str, Any]:
     """Probe and landscape settings: those of ROOT/report (so what it measured is reused), else the demo's."""
-    from flatlora.demo import report_settings
-    from flatlora_analysis.report import ReportSettings
+    from flatlora_analysis.report import ReportSettings, preset
 
     found = report(root, report_token(root)) if root is not None else None
-    s = ReportSettings.from_dict(found["settings"]) if found else report_settings(quick=False)
+    s = ReportSettings.from_dict(found["settings"]) if found else preset("demo")
     return {
         "split": s.split,
         "n": s.n,

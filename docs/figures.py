@@ -10,16 +10,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from flatlora.demo import report_settings
 from flatlora.runs import load_run
 from flatlora_analysis import plots
 from flatlora_analysis.landscape import load_landscape
 from flatlora_analysis.landscape.store import landscape_key
+from flatlora_analysis.report import preset
 from flatlora_analysis.results import cache_key
 
 
 def main(runs_dir: str = "runs/demo") -> Path:
-    settings = report_settings(quick=False).landscape_settings()
+    settings = preset("demo").landscape_settings()
     curves = {}
     for method in ("lora", "eflat-lora"):
         run = load_run(Path(runs_dir) / method)

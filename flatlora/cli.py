@@ -254,7 +254,7 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def summary_rows(root: str | Path) -> list[dict[str, Any]]:
+def sweep_summary_rows(root: str | Path) -> list[dict[str, Any]]:
     """Finished runs under ``root`` grouped by method, rho and lr: mean/std of test accuracy over seeds."""
     from flatlora.runs import list_runs
 
@@ -288,7 +288,7 @@ def summary_rows(root: str | Path) -> list[dict[str, Any]]:
 
 
 def _print_summary(root: Path) -> None:
-    rows = summary_rows(root)
+    rows = sweep_summary_rows(root)
     if not rows:
         return
     if all(r["task"] == "causal-lm" for r in rows):

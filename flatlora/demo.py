@@ -65,20 +65,11 @@ def train_demo_runs(args: argparse.Namespace) -> list:
     return runs
 
 
-def report_settings(quick: bool):
-    """The demo's measures: one probe batch (its gradient graph is kept across Hessian products)."""
-    from flatlora_analysis.report import preset
-
-    if quick:
-        return preset("quick", n=16, batch_size=16, landscape_steps=7)
-    return preset("default", n=32, batch_size=32, eig_k=3, trace_samples=30, landscape_steps=21)
-
-
 def run_demo(args: argparse.Namespace) -> int:
     """Train the demo's runs, measure them, print the tables and the dashboard command."""
     from flatlora.atomic import check_writable
     from flatlora_analysis.cli import ProgressBars, quiet_transformers
-    from flatlora_analysis.report import build_report, summary_rows
+    from flatlora_analysis.report import build_report, preset, summary_rows
 
     quiet_transformers()
     if args.llm:
@@ -113,7 +104,7 @@ def run_demo(args: argparse.Namespace) -> int:
     report = build_report(
         [r.path for r in runs],
         out / "report",
-        report_settings(args.quick),
+        preset("demo-quick" if args.quick else "demo"),
         progress=bars,
         targets_progress=lambda items: bars.iterate(items, "adapters"),
     )

@@ -62,6 +62,18 @@ def test_the_measuring_package_never_imports_the_showing_package():
     assert not offenders, offenders
 
 
+def test_measuring_and_showing_never_import_the_command_line_front():
+    """The demo's presets are report presets, the commands live beside their packages: nothing reaches back."""
+    offenders = [
+        f"{path.relative_to(ROOT)} imports {m}"
+        for name, path in modules().items()
+        if name.startswith(("flatlora_analysis", "flatlora_app"))
+        for m in sorted(imports(path, name))
+        if m.startswith(("flatlora.cli", "flatlora.demo"))
+    ]
+    assert not offenders, offenders
+
+
 def test_no_import_cycle_among_the_measuring_modules():
     known = modules()
     graph = {

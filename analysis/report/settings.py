@@ -194,6 +194,16 @@ PRESETS: dict[str, ReportSettings] = {
 }
 
 
+# The demo's measures (``flatlora demo``, its dashboard and docs/figures.py): one probe batch, so its
+# gradient graph is kept across the Hessian products.
+PRESETS["demo"] = dataclasses.replace(
+    PRESETS["default"], preset="demo", n=32, batch_size=32, eig_k=3, trace_samples=30, landscape_steps=21
+)
+PRESETS["demo-quick"] = dataclasses.replace(
+    PRESETS["quick"], preset="demo-quick", n=16, batch_size=16, landscape_steps=7
+)
+
+
 def preset(name: str, **overrides: Any) -> ReportSettings:
     """A preset (``quick``, ``default``, ``full``) with some settings replaced."""
     if name not in PRESETS:

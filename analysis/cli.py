@@ -217,8 +217,7 @@ def probe_data(args: argparse.Namespace):
 
 def _landscape(args: argparse.Namespace) -> int:
     from flatlora.atomic import check_writable
-    from flatlora_analysis.landscape import cached_landscape, interpolate, landscape_1d, landscape_2d, symmetric_grid
-    from flatlora_analysis.landscape.store import landscape_key, landscape_settings
+    from flatlora_analysis.landscape import symmetric_grid
     from flatlora_analysis.loading import load_model
     from flatlora_analysis.probe_data import build_target_probe, check_probe_fits
 
@@ -253,47 +252,14 @@ def _landscape(args: argparse.Namespace) -> int:
     _init_distributed()
     rank = int(os.environ.get("RANK", "0"))
     bars = ProgressBars(args.progress and rank == 0)
-    span = args.span if (args.span is not None or kind == "pca") else 1.0
-    settings = landscape_settings(
-        steps=args.steps,
-        span=span,
-        space=args.space,
-        seed=args.seed,
-        split=args.split,
-        n=args.n,
-        batch_size=args.batch_size,
-        data=data.spec,
-        data_options=data.options(),
-    )
-    progress = bars(f"{target.name}: {kind} landscape")
+    from flatlora_analysis.landscape import stored_landscape
 
-    def compute():
-        if kind == "1d":
-            return landscape_1d(
-                model,
-                probe,
-                steps=args.steps,
-                span=args.span or 1.0,
-                space=args.space,
-                seed=args.seed,
-                progress=progress,
-            )
-        if kind in ("2d", "pca"):
-            return landscape_2d(
-                model,
-                probe,
-                steps=args.steps,
-                span=args.span,
-                space=args.space,
-                seed=args.seed,
-                pca=target.path if args.pca else None,
-                progress=progress,
-            )
-        return interpolate(model, probe, other, steps=args.steps, progress=progress)
-
-    result, reused = cached_landscape(
-        folder, landscape_key(target.adapter, kind, settings, other), compute, write=rank == 0
-    )
+    identity = target.content_hash() if args.base_model is None else f"{target.content_hash()}@{args.base_model}"
+    result, reused = stored_landscape(
+        [folder], identity, probe, kind, lambda: model, device=args.device, write=rank == 0,
+        progress=bars(f"{target.name}: {kind} landscape"), steps=args.steps, span=args.span, space=args.space,
+        seed=args.seed, run=target.path if args.pca else None, other=other,
+    )  # fmt: skip
     if rank == 0:
         z = result.z
         print(

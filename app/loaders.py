@@ -38,12 +38,17 @@ def clear_caches() -> None:
     st.cache_resource.clear()
 
 
-def measure_defaults(root: str | None = None) -> dict[str, Any]:
-    """Probe and landscape settings: those of ROOT/report (so what it measured is reused), else the demo's."""
+def report_settings_of(root: str | None = None):
+    """The settings of ROOT/report (so what it measured is found again), else the demo's preset."""
     from flatlora_analysis.report import ReportSettings, preset
 
     found = report(root, report_token(root)) if root is not None else None
-    s = ReportSettings.from_dict(found["settings"]) if found else preset("demo")
+    return ReportSettings.from_dict(found["settings"]) if found else preset("demo")
+
+
+def measure_defaults(root: str | None = None) -> dict[str, Any]:
+    """Probe and landscape settings of :func:`report_settings_of`, as the Landscapes page edits them."""
+    s = report_settings_of(root)
     return {
         "split": s.split,
         "n": s.n,
@@ -52,8 +57,6 @@ def measure_defaults(root: str | None = None) -> dict[str, Any]:
         "span": s.landscape_span,
         "space": s.space,
         "seed": s.seed,
-        "k": s.eig_k,
-        "trace_samples": s.trace_samples or 30,
     }
 
 
@@ -182,16 +185,33 @@ def history_token(path: str) -> int:
 
 
 @st.cache_resource(show_spinner="loading the adapter ...")
-def model_and_probe(path: str, split: str, n: int | None, batch_size: int):
-    """The run's peft model (eval mode) and its probe set (the first n examples of the split)."""
-    from flatlora_analysis import ProbeSet, load_model
+def run_model(path: str):
+    """The run's peft model, in eval mode (loaded once per session)."""
+    from flatlora_analysis import load_model
 
-    model, _ = load_model(path)
-    return model, ProbeSet.from_run(path, split, n=n, batch_size=batch_size)
+    return load_model(path)[0]
+
+
+@st.cache_resource(show_spinner="building the probe set ...")
+def probe_set(path: str, split: str, n: int | None, batch_size: int):
+    """The run's probe set (the first n examples of the split): what keys its results, with the adapter."""
+    from flatlora_analysis import ProbeSet
+
+    return ProbeSet.from_run(path, split, n=n, batch_size=batch_size)
+
+
+def model_and_probe(path: str, split: str, n: int | None, batch_size: int):
+    """The run's peft model (eval mode) and its probe set."""
+    return run_model(path), probe_set(path, split, n, batch_size)
 
 
 def _adapter(path: str) -> Path:
     return Path(path) / "adapter"
+
+
+def _stores(path: str, root: str | None) -> list[Path]:
+    """Where a run's results are found: RUN/analysis (written here and by flatlora landscape), ROOT/report/cache."""
+    return [Path(path) / "analysis", *([Path(root) / "report" / "cache"] if root is not None else [])]
 
 
 def landscape(
@@ -200,121 +220,76 @@ def landscape(
     settings: dict[str, Any],
     *,
     other: str | None = None,
+    root: str | None = None,
     compute: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ):
-    """A run's saved landscape of ``kind`` (``1d``, ``2d``, ``pca``, ``interpolation``), or None.
+    """A run's stored landscape of ``kind`` (``1d``, ``2d``, ``pca``, ``interpolation``), or None.
 
-    With ``compute``, a missing one is computed (``progress(done, total)``) and saved in RUN/analysis/.
+    The same request as ``flatlora landscape`` makes (:func:`flatlora_analysis.landscape.landscape_call`):
+    found in RUN/analysis or ROOT/report/cache; with ``compute``, a missing one is computed and
+    saved in RUN/analysis.
     """
-    from flatlora_analysis.landscape import cached_landscape, interpolate, landscape_1d, landscape_2d, load_landscape
-    from flatlora_analysis.landscape.store import landscape_key, landscape_settings
-    from flatlora_analysis.results import cache_key
+    from flatlora_analysis.landscape import landscape_call, stored_landscape
+    from flatlora_analysis.loading import adapter_hash
+    from flatlora_analysis.store import find, result_key
 
-    probe_keys = {k: settings[k] for k in ("split", "n", "batch_size")}
-    span = None if kind == "pca" else settings["span"]
-    parts = landscape_key(
-        _adapter(path),
-        kind,
-        landscape_settings(
-            steps=settings["steps"], span=span, space=settings["space"], seed=settings["seed"], **probe_keys
-        ),
-        None if other is None else _adapter(other),
-    )
-    found = load_landscape(Path(path) / "analysis", cache_key(parts))
-    if found is not None or not compute:
-        return found
-    model, probe = model_and_probe(path, **probe_keys)
-
-    def run():
-        if kind == "1d":
-            return landscape_1d(
-                model,
-                probe,
-                steps=settings["steps"],
-                span=span,
-                space=settings["space"],
-                seed=settings["seed"],
-                progress=progress,
-            )
-        if kind in ("2d", "pca"):
-            return landscape_2d(
-                model,
-                probe,
-                steps=settings["steps"],
-                span=span,
-                space=settings["space"],
-                seed=settings["seed"],
-                pca=path if kind == "pca" else None,
-                progress=progress,
-            )
-        return interpolate(model, probe, _adapter(other), steps=settings["steps"] - 1, progress=progress)
-
-    return cached_landscape(Path(path) / "analysis", parts, run)[0]
+    probe = probe_set(path, settings["split"], settings["n"], settings["batch_size"])
+    options = {"steps": settings["steps"], "span": None if kind == "pca" else settings["span"],
+               "space": settings["space"], "seed": settings["seed"], "run": path if kind == "pca" else None,
+               "other": None if other is None else _adapter(other)}  # fmt: skip
+    identity = adapter_hash(_adapter(path))
+    if not compute:
+        name, _, key = landscape_call(kind, **options)
+        return find(_stores(path, root), result_key(identity, probe.fingerprint(), name, key))
+    return stored_landscape(
+        _stores(path, root), identity, probe, kind, lambda: run_model(path), progress=progress, **options
+    )[0]
 
 
 CURVATURE = ("top_eigenvalues", "trace", "density", "layers")
 
 
-def _from_report(root: str | None, path: str, measure: str, settings: dict[str, Any]):
-    """The measure as ROOT/report measured it, if that report used these settings."""
-    from flatlora_analysis.results import Result
-
-    found = report(root, report_token(root)) if root is not None else None
-    if not found:
-        return None
-    s = found["settings"]
-    same = all(
-        s[a] == settings[b]
-        for a, b in (
-            ("eig_space", "hessian_space"),
-            ("eig_k", "k"),
-            ("split", "split"),
-            ("n", "n"),
-            ("batch_size", "batch_size"),
-        )
-    )
-    if measure == "trace":
-        same = same and s["trace_samples"] == settings["trace_samples"]
-    for entry in found["entries"] if same else []:
-        value = entry.get("hessian", {}).get(measure)
-        if Path(entry["path"]).resolve() == Path(path).resolve() and value:
-            return Result.from_dict(value)
-    return None
-
-
 def curvature(
     path: str,
     measure: str,
-    settings: dict[str, Any],
+    settings,
     *,
     root: str | None = None,
     compute: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ):
-    """A run's Hessian measure (``top_eigenvalues``, ``trace``, ``density``, ``layers``) if measured, else None.
+    """A run's Hessian measure (``top_eigenvalues``, ``trace``, ``density``, ``layers``) if stored, else None.
 
-    Looked up in RUN/analysis/ and in ROOT/report; with ``compute``, a missing one is computed and saved.
+    ``settings`` is a :class:`~flatlora_analysis.report.ReportSettings`; the measure is asked
+    with the complete settings the report would use (``report_measures``), so a result is found
+    in RUN/analysis or ROOT/report/cache only where every setting (space, k, tol, seed, ...)
+    matches. With ``compute``, a missing one is computed and saved in RUN/analysis.
     """
-    from flatlora_analysis import hessian_trace, layer_curvature, spectral_density, top_eigenvalues
-    from flatlora_analysis.loading import adapter_hash
-    from flatlora_analysis.store import cached_result, load_result
+    import dataclasses
 
-    folder = Path(path) / "analysis"
-    parts = {"adapter": adapter_hash(_adapter(path)), "measure": measure, **settings}
-    found = load_result(folder, parts) or _from_report(root, path, measure, settings)
-    if found is not None or not compute:
-        return found
-    probe_keys = {k: settings[k] for k in ("split", "n", "batch_size")}
-    model, probe = model_and_probe(path, **probe_keys)
-    space = settings["hessian_space"]
-    runs = {
-        "top_eigenvalues": lambda: top_eigenvalues(model, probe, k=settings["k"], space=space, progress=progress),
-        "trace": lambda: hessian_trace(model, probe, space, samples=settings["trace_samples"], progress=progress),
-        "density": lambda: spectral_density(model, probe, space, steps=settings["density_steps"], progress=progress),
-        "layers": lambda: layer_curvature(model, probe, space, trace_samples=12, progress=progress),
-    }
-    return cached_result(folder, parts, runs[measure])[0]
+    from flatlora_analysis.loading import adapter_hash
+    from flatlora_analysis.registry import measure as registry_measure
+    from flatlora_analysis.report.measure import report_measures
+    from flatlora_analysis.store import cached, find, result_key
+
+    # every Hessian measure asked, with the report's own settings where it ran one (the defaults elsewhere)
+    wanted = dataclasses.replace(
+        settings, layers=True, density_steps=settings.density_steps or 40, trace_samples=settings.trace_samples or 30
+    )
+    calls = {label: (n, g) for label, n, g in report_measures("classification", wanted)}
+    name, given = calls[f"hessian.{measure}"]
+    m = registry_measure(name)
+    complete = m.complete(**given)
+    probe = probe_set(path, settings.split, settings.n, settings.batch_size)
+    identity, fingerprint = adapter_hash(_adapter(path)), probe.fingerprint()
+    if not compute:
+        return find(_stores(path, root), result_key(identity, fingerprint, name, complete))
+
+    def run():
+        return m.compute(run_model(path), probe, complete, progress=progress)
+
+    return cached(_stores(path, root), identity, fingerprint, name, complete, run)[0]
 
 
 def report_path(root: str) -> Path:

@@ -11,19 +11,23 @@ import sys
 from pathlib import Path
 
 from flatlora.runs import load_run
-from flatlora_analysis import plots
-from flatlora_analysis.landscape import load_landscape
-from flatlora_analysis.landscape.store import landscape_key
+from flatlora_analysis import ProbeSet, plots
+from flatlora_analysis.landscape import landscape_call
+from flatlora_analysis.loading import adapter_hash
 from flatlora_analysis.report import preset
-from flatlora_analysis.results import cache_key
+from flatlora_analysis.store import find, result_key
 
 
 def main(runs_dir: str = "runs/demo") -> Path:
-    settings = preset("demo").landscape_settings()
+    s = preset("demo")
+    name, _, key = landscape_call("1d", steps=s.landscape_steps, span=s.landscape_span, space=s.space, seed=s.seed)
     curves = {}
     for method in ("lora", "eflat-lora"):
         run = load_run(Path(runs_dir) / method)
-        found = load_landscape(run.path / "analysis", cache_key(landscape_key(run.path / "adapter", "1d", settings)))
+        probe = ProbeSet.from_run(run, s.split, n=s.n, batch_size=s.batch_size)
+        found = find(
+            [run.path / "analysis"], result_key(adapter_hash(run.path / "adapter"), probe.fingerprint(), name, key)
+        )
         if found is None:
             raise SystemExit(f"no saved 1-D landscape of the demo's settings for {method}: run `flatlora demo` first")
         curves[method] = found

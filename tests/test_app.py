@@ -143,6 +143,61 @@ def test_curvature_page_shows_the_reports_eigenvalues_and_computes_more(runs_fol
     assert "Hessian spectral density (SLQ)" in titles and "Per-layer top eigenvalue" in titles
 
 
+def test_a_curvature_result_of_other_settings_is_never_shown_as_matching(runs_folder, monkeypatch, tmp_path):
+    """Stored with another tolerance or seed, lambda_max stays unshown; under the page's own key it is shown."""
+    import dataclasses
+    import shutil
+
+    from flatlora_analysis import ProbeSet
+    from flatlora_analysis.hessian import EigenResult
+    from flatlora_analysis.loading import adapter_hash
+    from flatlora_analysis.registry import measure
+    from flatlora_analysis.report import ReportSettings
+    from flatlora_analysis.report.measure import report_measures
+    from flatlora_analysis.store import ResultStore, result_key
+
+    root = tmp_path / "runs"
+    shutil.copytree(runs_folder, root)
+    run = root / "lora-seed1"
+    settings = ReportSettings.from_dict(json.loads((root / "report" / "report.json").read_text())["settings"])
+    probe = ProbeSet.from_run(run, settings.split, n=settings.n, batch_size=settings.batch_size)
+
+    def key(s: ReportSettings) -> str:
+        [given] = [g for label, _, g in report_measures("classification", s) if label == "hessian.top_eigenvalues"]
+        complete = measure("top_eigenvalues").complete(**given)
+        return result_key(adapter_hash(run / "adapter"), probe.fingerprint(), "top_eigenvalues", complete)
+
+    own = key(settings)
+    assert ResultStore(root / "report" / "cache").path(own).exists()  # the page's key is the report's key
+    ResultStore(root / "report" / "cache").path(own).unlink()
+    fake = EigenResult(np.array([12345.0]), hvps=1, converged=True)
+    others = [dataclasses.replace(settings, eig_tol=settings.eig_tol / 10), dataclasses.replace(settings, seed=7)]
+    for other in others:
+        assert key(other) != own
+        ResultStore(run / "analysis").put(key(other), {}, fake, 0.0)
+
+    def lambda_max_shown(at) -> list:
+        table = at.dataframe[0].value
+        return list(table[table["run"] == "lora-seed1"]["lambda_max"])
+
+    at = app_on(root, monkeypatch)
+    at.switch_page("views/curvature.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    shown = lambda_max_shown(at)
+    assert 12345.0 not in shown and all(v is None or np.isnan(v) for v in shown)
+    ResultStore(run / "analysis").put(own, {}, fake, 0.0)  # now under the settings the page asks for
+    fresh_caches_now()
+    at = app_on(root, monkeypatch)
+    at.switch_page("views/curvature.py").run()
+    assert lambda_max_shown(at) == [12345.0]
+
+
+def fresh_caches_now() -> None:
+    from flatlora_app.loaders import clear_caches
+
+    clear_caches()
+
+
 def test_correlation_page_scatters_by_method_with_the_coefficients(runs_folder, monkeypatch):
     at = app_on(runs_folder, monkeypatch)
     at.switch_page("views/correlation.py").run()

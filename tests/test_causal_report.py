@@ -86,12 +86,12 @@ def test_landscape_of_a_bare_adapter_is_saved_and_reused(tmp_path, pairs_csv, ti
     assert cli.main(argv) == 0
     assert "computed" in capsys.readouterr().out
     saved = tree(adapter / "analysis")
-    assert len(saved) == 2  # NPZ + JSON
+    assert len(saved) == 1  # one result-KEY.json
     assert cli.main(argv) == 0
     assert "reused" in capsys.readouterr().out
     out = tmp_path / "elsewhere"
     assert cli.main([*argv, "--out", str(out), "--2d"]) == 0
-    assert len(tree(out)) == 2 and tree(adapter / "analysis") == saved
+    assert len(tree(out)) == 1 and tree(adapter / "analysis") == saved
 
 
 @pytest.fixture(scope="module")

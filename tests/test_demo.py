@@ -19,7 +19,7 @@ def test_the_quick_demo_trains_measures_reports_and_reuses(tmp_path, capsys):
     assert all(e["landscape_1d"]["z"] for e in report["entries"])
     assert report["correlation"]["n_runs"] == 3
     for method in ("lora", "flat-lora", "eflat-lora"):
-        assert list((out / method / "analysis").glob("landscape-*.npz"))  # the dashboard reuses these
+        assert list((out / method / "analysis").glob("result-*.json"))  # the dashboard reuses these
         assert list((out / method / "trajectory").iterdir())
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "report.json" not in p.name}
     assert cli.main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0

@@ -139,16 +139,27 @@ def test_pca_plane_projects_the_saved_trajectory(runs):
     assert plane.settings["span"] == pytest.approx(1.2 * np.abs(plane.trajectory).max())
 
 
-def test_results_round_trip_through_json_and_npz(tmp_path):
-    from flatlora_analysis.landscape import load_landscape, save_landscape
+def test_results_round_trip_through_the_store(tmp_path):
+    from flatlora_analysis.store import ResultStore, cached, result_key
 
     model = lora_wrap(TinyClassifier(6, 5, 3))
-    result = landscape_2d(model, classifier_probe(), steps=3, span=0.1)
-    save_landscape(result, tmp_path, "k")
-    again = load_landscape(tmp_path, "k")
+    probe = classifier_probe()
+    result = landscape_2d(model, probe, steps=3, span=0.1)
+    settings = {"steps": 3, "span": 0.1}
+    again, reused, _ = cached([tmp_path], "adapter", probe.fingerprint(), "landscape_2d", settings, lambda: result)
+    assert not reused and again is result
+    again, reused, _ = cached([tmp_path], "adapter", probe.fingerprint(), "landscape_2d", settings, lambda: 1 / 0)
+    assert reused and isinstance(again, LandscapeResult)
     np.testing.assert_array_equal(again.z, result.z)
     assert again.settings == json.loads(json.dumps(result.settings))
-    assert isinstance(LandscapeResult.from_dict(result.to_dict()), LandscapeResult)
+    # another setting, probe or adapter is another key: never the stored result
+    key = result_key("adapter", probe.fingerprint(), "landscape_2d", settings)
+    for other in (
+        result_key("adapter", probe.fingerprint(), "landscape_2d", {**settings, "span": 0.2}),
+        result_key("adapter", "another-probe", "landscape_2d", settings),
+        result_key("another", probe.fingerprint(), "landscape_2d", settings),
+    ):
+        assert other != key and ResultStore(tmp_path).get(other) is None
 
 
 def test_cli_saves_and_reuses_landscapes(runs, capsys):
@@ -158,7 +169,7 @@ def test_cli_saves_and_reuses_landscapes(runs, capsys):
     assert "computed" in capsys.readouterr().out
     assert cli.main(argv) == 0
     assert "reused" in capsys.readouterr().out
-    assert len(list((run / "analysis").glob("landscape-*.npz"))) == 1
+    assert len(list((run / "analysis").glob("result-*.json"))) == 1
 
 
 def test_bad_input_is_one_line_and_writes_nothing(runs, tmp_path, capsys):
@@ -203,9 +214,8 @@ def test_a_two_rank_torchrun_grid_equals_the_one_process_grid_bit_for_bit(runs, 
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stdout.count("landscape computed") == 1  # rank 0 alone reports and writes
-        [npz] = (run / "analysis").glob("landscape-*.npz")
-        with np.load(npz) as data:
-            grids[name] = data["z"]
+        [stored] = (run / "analysis").glob("result-*.json")
+        grids[name] = np.asarray(json.loads(stored.read_text())["result"]["z"])
     assert np.array_equal(grids["one"], grids["two"])
 
 

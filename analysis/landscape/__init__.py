@@ -2,17 +2,16 @@
 
 from flatlora_analysis.landscape.directions import filter_normalize, random_directions
 from flatlora_analysis.landscape.grid import LandscapeResult, interpolate, landscape_1d, landscape_2d, symmetric_grid
-from flatlora_analysis.landscape.store import cached_landscape, load_landscape, save_landscape
+from flatlora_analysis.landscape.store import landscape_call, stored_landscape
 
 __all__ = [
     "LandscapeResult",
-    "cached_landscape",
     "filter_normalize",
     "interpolate",
     "landscape_1d",
     "landscape_2d",
-    "load_landscape",
+    "landscape_call",
     "random_directions",
-    "save_landscape",
+    "stored_landscape",
     "symmetric_grid",
 ]

@@ -1,100 +1,92 @@
-"""Landscapes saved next to the run they describe (``RUN/analysis/``): NPZ arrays + JSON metadata, reused."""
+"""A landscape request, one way for every caller: ``flatlora landscape``, the report and the dashboard.
+
+:func:`landscape_call` turns a kind (``1d``, ``2d``, ``pca``, ``interpolation``) and its options
+into the registry measure, the settings to call it with, and the settings that key it in the
+result store (:mod:`flatlora_analysis.store`: a trajectory or the other adapter by content
+hash, not by path); :func:`stored_landscape` looks the result up, or computes and saves it.
+"""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from flatlora_analysis.registry import measure
+from flatlora_analysis.store import ResultStore, cached
 
-from flatlora_analysis.landscape.grid import LandscapeResult
-from flatlora_analysis.results import cache_key
-
-
-def landscape_paths(folder: str | Path, key: str) -> tuple[Path, Path]:
-    folder = Path(folder)
-    return folder / f"landscape-{key}.npz", folder / f"landscape-{key}.json"
+KINDS = {"1d": "landscape_1d", "2d": "landscape_2d", "pca": "landscape_2d", "interpolation": "interpolation"}
 
 
-def save_landscape(result: LandscapeResult, folder: str | Path, key: str) -> Path:
-    """Write ``landscape-KEY.npz`` (the arrays) and ``landscape-KEY.json`` (the rest), each atomically."""
-    import io
-
-    from flatlora.runs import atomic_write_json
-
-    npz, meta = landscape_paths(folder, key)
-    npz.parent.mkdir(parents=True, exist_ok=True)
-    data = result.to_dict()
-    arrays = {name: np.asarray(getattr(result, name)) for name in result._arrays}
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    tmp = npz.with_name(f".{npz.name}.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    tmp.replace(npz)
-    atomic_write_json(meta, {k: v for k, v in data.items() if k not in result._arrays})
-    return npz
-
-
-def load_landscape(folder: str | Path, key: str) -> LandscapeResult | None:
-    """The saved landscape of ``key``, or None."""
-    npz, meta = landscape_paths(folder, key)
-    if not (npz.is_file() and meta.is_file()):
-        return None
-    try:
-        data = json.loads(meta.read_text(encoding="utf-8"))
-        with np.load(npz) as arrays:
-            data.update({name: arrays[name] for name in arrays.files})
-    except (OSError, ValueError):
-        return None
-    data.pop("type", None)
-    return LandscapeResult(**data)
-
-
-def landscape_settings(
+def landscape_call(
+    kind: str,
     *,
     steps: int,
-    span: float | None,
+    span: float | None = None,
     space: str = "merged",
     seed: int = 0,
-    split: str = "train",
-    n: int | None = 64,
-    batch_size: int = 32,
-    data: str | None = None,
-    data_options: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The settings that name a saved landscape (the CLI, the report and the app use the same).
+    run: str | Path | None = None,
+    other: str | Path | None = None,
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(measure, settings of the call, settings of the key) of a landscape of ``kind``.
 
-    ``data_options`` are the column/task options of ``--data`` set away from their defaults.
+    ``run``: the run whose trajectory spans the ``pca`` plane; ``other``: the adapter folder at
+    t = 1 of an ``interpolation`` (None: the base model).
     """
-    out = {"steps": steps, "span": span, "space": space, "seed": seed, "split": split, "n": n, "batch_size": batch_size}
-    if data is not None:
-        out["data"] = str(data)
-        out.update(data_options or {})
-    return out
-
-
-def landscape_key(adapter: str | Path, kind: str, settings: dict[str, Any], other: str | Path | None = None):
-    """What identifies a saved landscape: the adapter's (and other's) content, the kind, its settings."""
     from flatlora_analysis.loading import adapter_hash
 
-    parts = {"adapter": adapter_hash(adapter), "kind": kind, **settings}
-    if other is not None:
-        parts["other"] = adapter_hash(other)
-    return parts
+    if kind not in KINDS:
+        raise ValueError(f"unknown landscape kind {kind!r}: use one of {', '.join(KINDS)}")
+    if kind == "1d":
+        given = {"steps": steps, "span": 1.0 if span is None else span, "space": space, "seed": seed}
+    elif kind in ("2d", "pca"):
+        given = {"steps": steps, "span": span, "space": space, "seed": seed, "pca": None}
+        if kind == "pca":
+            given["pca"] = str(run)
+    else:
+        given = {"other": None if other is None else str(other), "steps": steps}
+    m = measure(KINDS[kind])
+    call = m.complete(**given)
+    key = dict(call)
+    if kind == "pca":
+        key["pca"] = _trajectory_hash(Path(run))
+    if kind == "interpolation":
+        key["other"] = None if other is None else adapter_hash(other)
+    return m.name, call, key
 
 
-def cached_landscape(
-    folder: str | Path | None, parts: dict[str, Any], compute: Callable[[], LandscapeResult], *, write: bool = True
-) -> tuple[LandscapeResult, bool]:
-    """(result, reused): read the landscape of ``parts`` from ``folder``, or compute and save it."""
-    key = cache_key(parts)
-    if folder is not None:
-        found = load_landscape(folder, key)
-        if found is not None:
-            return found, True
-    result = compute()
-    if folder is not None and write:
-        save_landscape(result, folder, key)
-    return result, False
+def _trajectory_hash(run: Path) -> str:
+    """A content hash of a run's saved trajectory (every step's adapter files)."""
+    from flatlora_analysis.landscape.directions import trajectory_folders
+    from flatlora_analysis.loading import adapter_hash
+    from flatlora_analysis.results import cache_key
+
+    return cache_key([adapter_hash(folder) for folder in trajectory_folders(run)[0]])
+
+
+def stored_landscape(
+    stores: Sequence[ResultStore | str | Path],
+    adapter: str,
+    probe: Any,
+    kind: str,
+    model: Callable[[], Any],
+    *,
+    device: Any = None,
+    progress: Callable[[int, int], None] | None = None,
+    write: bool = True,
+    **options: Any,
+) -> tuple[Any, bool]:
+    """(landscape, reused): from the first store that has it, else computed on ``model()`` and saved.
+
+    ``adapter`` is the adapter's content hash, ``probe`` the probe set (its fingerprint keys the
+    result); ``options`` go to :func:`landscape_call`. With ``write=False`` (ranks other than 0)
+    nothing is saved.
+    """
+    name, call, key = landscape_call(kind, **options)
+    m = measure(name)
+
+    def compute():
+        return m.compute(model(), probe, call, device=device, progress=progress)
+
+    value, reused, _ = cached(stores, adapter, probe.fingerprint(), name, key, compute, write=write)
+    return value, reused

@@ -1,24 +1,25 @@
-"""Every measure of a report on one adapter, each cached by (adapter content hash, settings).
+"""Every measure of a report on one adapter, each through the registry and the result store.
 
-A cache entry is one JSON file written atomically, so a killed report resumes where it
-stopped: finished measures are read back, the rest computed. The model and the probe set are
-loaded only when some measure of the adapter is not cached yet.
+A result is one JSON file written atomically in ``OUT/cache`` (a run's 1-D landscape in
+``RUN/analysis``, where the dashboard and ``flatlora landscape`` find it too), keyed by the
+adapter's content, the probe set's fingerprint, the measure and its complete settings
+(:mod:`flatlora_analysis.store`), so a killed report resumes where it stopped. The probe set is
+built for its fingerprint (a run's own data needs only its tokenizer); the model is loaded
+only when some measure of the adapter is not stored yet.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from flatlora.errors import FlatLoraError
 from flatlora_analysis.loading import Target
 from flatlora_analysis.probe_data import ProbeData, build_target_probe
-from flatlora_analysis.report.settings import ReportSettings, cache_key
+from flatlora_analysis.registry import measure
+from flatlora_analysis.report.settings import ReportSettings
+from flatlora_analysis.store import ResultStore, cached
 
-CACHE_FORMAT = 1
 HISTORY_KEYS = (
     "step",
     "loss",
@@ -42,26 +43,7 @@ HISTORY_KEYS = (
 ProgressFactory = Callable[[str], Callable[[int, int], None] | None]
 
 
-class Cache:
-    """One JSON file per key in a folder; writes are atomic."""
-
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
-
-    def path(self, key: str) -> Path:
-        return self.folder / f"{key}.json"
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        path = self.path(key)
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-
-    def put(self, key: str, value: dict[str, Any]) -> None:
-        from flatlora.runs import atomic_write_json
-
-        atomic_write_json(self.path(key), value)
+Cache = ResultStore  # the report's store (OUT/cache); the name the report modules know it by
 
 
 class _Lazy:
@@ -106,63 +88,52 @@ def _history(run) -> list[dict[str, Any]]:
     return [{k: r[k] for k in HISTORY_KEYS if k in r} for r in run.metrics]
 
 
-def _landscape_1d(target, run, s: ReportSettings, data, lazy, cached, cb, device) -> dict[str, Any]:
-    """The 1-D landscape of the report; for a run it is also saved in (and reused from) RUN/analysis/."""
-    from flatlora_analysis.landscape import cached_landscape, landscape_1d
-    from flatlora_analysis.landscape.store import landscape_key
+def report_measures(task: str, s: ReportSettings) -> list[tuple[str, str, dict[str, Any]]]:
+    """(entry label, registry measure, given settings) of every model measure ``s`` asks of an adapter of ``task``.
 
-    opts = s.landscape_settings(data)
-
-    def compute():
-        return landscape_1d(
-            lazy.model,
-            lazy.probe,
-            steps=s.landscape_steps,
-            span=s.landscape_span,
-            space=s.space,
-            seed=s.seed,
-            device=device,
-            progress=cb("1-D landscape"),
-        )
-
-    if run is None:
-        return cached("landscape-1d", opts, compute)
-    key = landscape_key(target.adapter, "1d", opts)
-    return cached("landscape-1d", opts, lambda: cached_landscape(run.path / "analysis", key, compute)[0])
-
-
-def _flatness(task: str, s: ReportSettings, lazy, cached, cb, device) -> dict[str, Any]:
-    """The literature's flatness measures of ``s.flatness`` that apply to ``task`` (name -> result)."""
-    from flatlora_analysis import flatness
+    The labels place each result in the report entry: ``sharpness-KIND``, ``hessian.NAME``,
+    ``landscape_1d``, ``flatness.NAME``. Settings left out take the measure's defaults.
+    """
     from flatlora_analysis.probe_data import CAUSAL_LM
 
-    out: dict[str, Any] = {}
+    out: list[tuple[str, str, dict[str, Any]]] = []
+    for kind in s.kinds:
+        given = {"rho": list(s.rhos), "kind": kind, "space": None if kind == "flat-lora" else s.space, "seed": s.seed}
+        given.update({"steps": s.worst_steps, "samples": s.average_samples})
+        out.append((f"sharpness-{kind}", "sharpness", given))
     for name in s.flatness:
         if name in ("adaptive-worst", "relative") and task == CAUSAL_LM:
             continue  # both are defined on a classifier's logits
         if name == "adaptive-worst":
-            opts = {"rho": s.adaptive_rho, "norm": "linf", "space": s.space, "steps": s.worst_steps, "seed": s.seed}
-            compute = lambda: flatness.adaptive_sharpness(  # noqa: E731
-                lazy.model, lazy.probe, s.adaptive_rho, space=s.space, steps=s.worst_steps, seed=s.seed,
-                device=device, progress=cb("adaptive sharpness"),
-            )  # fmt: skip
+            given = {"rho": s.adaptive_rho, "space": s.space, "steps": s.worst_steps, "seed": s.seed}
+            out.append(("flatness.adaptive-worst", "adaptive_sharpness", given))
         elif name == "pac-bayes":
-            opts = {"target": s.pac_bayes_target, "samples": s.pac_bayes_samples, "space": s.space, "seed": s.seed}
-            compute = lambda: flatness.pac_bayes_flatness(  # noqa: E731
-                lazy.model, lazy.probe, s.pac_bayes_target, space=s.space, samples=s.pac_bayes_samples,
-                seed=s.seed, device=device, progress=cb("PAC-Bayes flatness"),
-            )  # fmt: skip
+            given = {"target": s.pac_bayes_target, "space": s.space, "samples": s.pac_bayes_samples, "seed": s.seed}
+            out.append(("flatness.pac-bayes", "pac_bayes_flatness", given))
         else:
-            opts = {}
-            compute = lambda: flatness.relative_flatness(lazy.model, lazy.probe, device=device)  # noqa: E731
-        out[name] = cached(f"flatness-{name}", opts, compute)
+            out.append(("flatness.relative", "relative_flatness", {}))
+    hess = {"space": s.eig_space, "seed": s.seed}
+    out.append(("hessian.top_eigenvalues", "top_eigenvalues", {**hess, "k": s.eig_k, "tol": s.eig_tol}))
+    if s.trace_samples:
+        out.append(("hessian.trace", "trace", {**hess, "samples": s.trace_samples}))
+    if s.density_steps:
+        out.append(("hessian.density", "density", {**hess, "steps": s.density_steps, "runs": s.density_runs}))
+    if s.layers:
+        given = {**hess, "tol": s.eig_tol, "trace_samples": s.layer_trace_samples}
+        out.append(("hessian.layers", "layers", given))
+    if s.landscape_steps:
+        given = {"steps": s.landscape_steps, "span": s.landscape_span, "space": s.space, "seed": s.seed}
+        out.append(("landscape_1d", "landscape_1d", given))
     return out
+
+
+PROGRESS_LABELS = {"top_eigenvalues": "top eigenvalues", "density": "spectral density", "layers": "per-layer curvature"}
 
 
 def measure_target(
     target: Target,
     settings: ReportSettings,
-    cache: Cache,
+    cache: ResultStore,
     *,
     base_model: str | None = None,
     data: str | ProbeData | None = None,
@@ -170,9 +141,8 @@ def measure_target(
     progress: ProgressFactory | None = None,
 ) -> dict[str, Any]:
     """The report entry of one adapter: identity, task, run metrics, and every measure of ``settings``."""
-    from flatlora_analysis import balance, ema_error, hessian
+    from flatlora_analysis import balance, ema_error
     from flatlora_analysis.probe_data import target_task
-    from flatlora_analysis.sharpness import sharpness
 
     data = ProbeData.of(data)
     run = target.run()
@@ -192,123 +162,41 @@ def measure_target(
         "timing": {},
     }
     lazy = _Lazy(target, settings, base_model, data, device)
-    base = (CACHE_FORMAT, adapter_hash, base_model, entry["probe"])
+    # the same adapter on another base model is another model: the base is part of its identity
+    identity = adapter_hash if base_model is None else f"{adapter_hash}@{base_model}"
+    fingerprint = lazy.probe.fingerprint()
+    run_store = [ResultStore(run.path / "analysis")] if run is not None else []
 
-    def cached(name: str, measure_settings: dict[str, Any], compute: Callable[[], Any]) -> dict[str, Any]:
-        key = cache_key(*base, name, measure_settings)
-        hit = cache.get(key)
-        if hit is not None:
-            entry["timing"][name] = hit.get("seconds", 0.0)
-            return hit["result"]
-        start = time.perf_counter()
-        result = compute()
-        value = result if isinstance(result, (dict, list)) else result.to_dict()
-        if isinstance(value, list):
-            value = [v.to_dict() if hasattr(v, "to_dict") else v for v in value]
-        seconds = time.perf_counter() - start
-        cache.put(key, {"measure": name, "settings": measure_settings, "seconds": seconds, "result": value})
-        entry["timing"][name] = seconds
-        return value
-
-    def cb(label: str):
-        return progress(f"{target.name}: {label}") if progress is not None else None
+    def stored(label: str, name: str, complete: dict[str, Any], compute: Callable[[], Any], stores=None) -> Any:
+        value, _, seconds = cached(stores or [cache, *run_store], identity, fingerprint, name, complete, compute)
+        entry["timing"][label] = seconds
+        return [v.to_dict() for v in value] if isinstance(value, list) else value.to_dict()
 
     s = settings
-    entry["sharpness"] = []
-    for kind in s.kinds:
-        opts = {
-            "kind": kind,
-            "rhos": list(s.rhos),
-            "space": None if kind == "flat-lora" else s.space,
-            "steps": s.worst_steps,
-            "samples": s.average_samples,
-            "seed": s.seed,
-        }
-        entry["sharpness"] += cached(
-            f"sharpness-{kind}",
-            opts,
-            lambda opts=opts, kind=kind: sharpness(
-                lazy.model,
-                lazy.probe,
-                list(s.rhos),
-                kind=kind,
-                space=opts["space"],
-                steps=s.worst_steps,
-                samples=s.average_samples,
-                seed=s.seed,
-                device=device,
-                progress=cb(f"sharpness {kind}"),
-            ),
-        )
-    flatness = _flatness(entry["task"], s, lazy, cached, cb, device)
+    entry["sharpness"], flatness, hess = [], {}, {}
+    for label, name, given in report_measures(entry["task"], s):
+        m = measure(name)
+        complete = m.complete(**given)
+        short = label.split(".")[-1].replace("sharpness-", "sharpness ").replace("_", " ")
+        bar = f"{target.name}: {PROGRESS_LABELS.get(label.split('.')[-1], short)}"
+
+        def compute(m=m, complete=complete, bar=bar):  # a progress bar only for what is computed
+            return m.compute(lazy.model, lazy.probe, complete, device=device, progress=progress and progress(bar))
+
+        # a run's 1-D landscape is stored with the run, where the dashboard and flatlora landscape find it
+        stores = [*run_store, cache] if name == "landscape_1d" else None
+        value = stored(label, name, complete, compute, stores)
+        if label.startswith("sharpness-"):
+            entry["sharpness"] += value
+        elif label.startswith("flatness."):
+            flatness[label.split(".", 1)[1]] = value
+        elif label.startswith("hessian."):
+            hess[label.split(".", 1)[1]] = value
+        else:
+            entry[label] = value
     if flatness:
         entry["flatness"] = flatness
-    hess: dict[str, Any] = {}
-    opts = {"k": s.eig_k, "tol": s.eig_tol, "space": s.eig_space, "seed": s.seed}
-    hess["top_eigenvalues"] = cached(
-        "top_eigenvalues",
-        opts,
-        lambda: hessian.top_eigenvalues(
-            lazy.model,
-            lazy.probe,
-            k=s.eig_k,
-            space=s.eig_space,
-            tol=s.eig_tol,
-            seed=s.seed,
-            device=device,
-            progress=cb("top eigenvalues"),
-        ),
-    )
-    if s.trace_samples:
-        opts = {"samples": s.trace_samples, "space": s.eig_space, "seed": s.seed}
-        hess["trace"] = cached(
-            "trace",
-            opts,
-            lambda: hessian.hessian_trace(
-                lazy.model,
-                lazy.probe,
-                s.eig_space,
-                samples=s.trace_samples,
-                seed=s.seed,
-                device=device,
-                progress=cb("trace"),
-            ),
-        )
-    if s.density_steps:
-        opts = {"steps": s.density_steps, "runs": s.density_runs, "space": s.eig_space, "seed": s.seed}
-        hess["density"] = cached(
-            "density",
-            opts,
-            lambda: hessian.spectral_density(
-                lazy.model,
-                lazy.probe,
-                s.eig_space,
-                steps=s.density_steps,
-                runs=s.density_runs,
-                seed=s.seed,
-                device=device,
-                progress=cb("spectral density"),
-            ),
-        )
-    if s.layers:
-        opts = {"space": s.eig_space, "tol": s.eig_tol, "trace_samples": s.layer_trace_samples, "seed": s.seed}
-        hess["layers"] = cached(
-            "layers",
-            opts,
-            lambda: hessian.layer_curvature(
-                lazy.model,
-                lazy.probe,
-                s.eig_space,
-                tol=s.eig_tol,
-                trace_samples=s.layer_trace_samples,
-                seed=s.seed,
-                device=device,
-                progress=cb("per-layer curvature"),
-            ),
-        )
     entry["hessian"] = hess
-    if s.landscape_steps:
-        entry["landscape_1d"] = _landscape_1d(target, run, s, data, lazy, cached, cb, device)
     entry["balancedness"] = balance.balancedness(target.adapter).to_dict()
     if run is not None:
         entry["history"] = _history(run)
@@ -326,10 +214,11 @@ def measure_target(
             if s.ema_checkpoint and checkpoint is not None:
                 from flatlora_analysis.loading import adapter_hash as folder_hash
 
-                opts = {"checkpoint": folder_hash(checkpoint), "seed": s.seed}
-                entry["ema_error"]["checkpoint"] = cached(
+                complete = {"checkpoint": folder_hash(checkpoint), "seed": s.seed}
+                entry["ema_error"]["checkpoint"] = stored(
                     "ema_error",
-                    opts,
+                    "ema_error_at_checkpoint",
+                    complete,
                     lambda: ema_error.ema_error_at_checkpoint(run, lazy.probe, checkpoint=checkpoint, device=device),
                 )
     return entry

@@ -9,7 +9,6 @@ from typing import Any
 
 from flatlora.errors import FlatLoraError
 from flatlora_analysis.flatness import FLATNESS
-from flatlora_analysis.results import cache_key  # noqa: F401  (re-exported for the report modules)
 from flatlora_analysis.sharpness import KINDS
 from flatlora_analysis.spaces import SPACES
 
@@ -125,26 +124,6 @@ class ReportSettings:
 
     def probe_key(self) -> dict[str, Any]:
         return {"split": self.split, "n": self.n, "batch_size": self.batch_size}
-
-    def landscape_settings(self, data: Any = None) -> dict[str, Any]:
-        """The settings that name this report's 1-D landscape in a run's analysis/ folder.
-
-        ``data``: None (the run's own data), a ``--data`` spec, or an :class:`flatlora_analysis.probe_data.ProbeData`.
-        """
-        from flatlora_analysis.landscape.store import landscape_settings
-        from flatlora_analysis.probe_data import ProbeData
-
-        data = ProbeData.of(data)
-
-        return landscape_settings(
-            steps=self.landscape_steps,
-            span=self.landscape_span,
-            space=self.space,
-            seed=self.seed,
-            data=data.spec,
-            data_options=data.options(),
-            **self.probe_key(),
-        )
 
 
 _FLAGS = {"n": "--examples", "eig_k": "--eig-k", "eig_space": "--eig-space", "batch_size": "--batch-size"}

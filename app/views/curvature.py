@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import streamlit as st
 
 from flatlora_analysis import plots
@@ -11,20 +13,19 @@ st.title("Curvature (Hessian)")
 root = loaders.runs_folder_or_stop()
 runs = loaders.finished_runs_or_stop(root, "no finished run yet")
 paths = {r["run"]: r["path"] for r in runs}
-defaults = loaders.measure_defaults(root)
+defaults = loaders.report_settings_of(root)  # the report's (or the demo's) settings: its results are found
 c1, c2, c3 = st.columns(3)
-space = c1.selectbox("Hessian space", ["lora", "b", "merged"], key="cv_space")
-k = c2.number_input("top eigenvalues k", 1, 20, defaults["k"], key="cv_k")
+spaces = ["lora", "b", "merged"]
+space = c1.selectbox("Hessian space", spaces, index=spaces.index(defaults.eig_space), key="cv_space")
+k = c2.number_input("top eigenvalues k", 1, 20, defaults.eig_k, key="cv_k")
 chosen = c3.multiselect("Runs", list(paths), default=list(paths), key="cv_runs")
-settings = {
-    "split": defaults["split"],
-    "n": defaults["n"],
-    "batch_size": defaults["batch_size"],
-    "hessian_space": space,
-    "k": int(k),
-    "trace_samples": defaults["trace_samples"],
-    "density_steps": 40,
-}
+settings = dataclasses.replace(defaults, eig_space=space, eig_k=int(k))
+st.caption(
+    f"probe: {settings.split} split, n = {settings.n}, batch {settings.batch_size}; "
+    f"eigenvalue tol {settings.eig_tol:g}, "
+    f"trace {settings.trace_samples or 30} products, seed {settings.seed}: a stored result is shown only where "
+    "every one of its settings matches these"
+)
 found = {
     m: {name: loaders.curvature(paths[name], m, settings, root=root) for name in chosen} for m in loaders.CURVATURE
 }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import streamlit as st
 
 from flatlora_analysis import plots
@@ -13,6 +15,7 @@ root = loaders.runs_folder_or_stop()
 runs = loaders.finished_runs_or_stop(root, "no finished run yet: landscapes need a saved adapter")
 paths = {r["run"]: r["path"] for r in runs}
 settings = loaders.measure_defaults(root)
+landscape_of = functools.partial(loaders.landscape, root=root)  # RUN/analysis, then ROOT/report/cache
 with st.expander("Settings (the demo's by default, so its saved landscapes are reused)"):
     c1, c2, c3, c4 = st.columns(4)
     settings["steps"] = c1.number_input("grid points", 3, 101, settings["steps"], step=2, key="ls_steps")
@@ -30,12 +33,12 @@ def compute_with_bar(label: str, fn):
 
 st.header("1-D: loss along a random direction")
 chosen = st.multiselect("Runs", list(paths), default=list(paths), key="ls_runs")
-curves = {name: loaders.landscape(paths[name], "1d", settings) for name in chosen}
+curves = {name: landscape_of(paths[name], "1d", settings) for name in chosen}
 missing = [name for name, found in curves.items() if found is None]
 if missing and st.button(f"Compute the {len(missing)} missing 1-D landscape(s)", key="ls_compute_1d"):
     for name in missing:
         curves[name] = compute_with_bar(
-            name, lambda p, name=name: loaders.landscape(paths[name], "1d", settings, compute=True, progress=p)
+            name, lambda p, name=name: landscape_of(paths[name], "1d", settings, compute=True, progress=p)
         )
 shown = {k: v for k, v in curves.items() if v is not None}
 if shown:
@@ -54,13 +57,11 @@ plane = st.radio(
 )
 kind = "pca" if plane == "trajectory PCA" else "2d"
 plane_settings = {**settings, "steps": min(settings["steps"], 11)}
-result = loaders.landscape(paths[name], kind, plane_settings)
+result = landscape_of(paths[name], kind, plane_settings)
 if result is None and st.button(
     f"Compute the {plane_settings['steps']}x{plane_settings['steps']} plane", key="ls_compute_2d"
 ):
-    result = compute_with_bar(
-        name, lambda p: loaders.landscape(paths[name], kind, plane_settings, compute=True, progress=p)
-    )
+    result = compute_with_bar(name, lambda p: landscape_of(paths[name], kind, plane_settings, compute=True, progress=p))
 if result is not None:
     st.plotly_chart(plots.landscape_2d_figure(result, title=f"{name}: {plane}"), width="stretch", key="ls_fig_2d")
 
@@ -71,11 +72,11 @@ else:
     c1, c2 = st.columns(2)
     first = c1.selectbox("from (t = 0)", list(paths), index=0, key="ls_from")
     second = c2.selectbox("to (t = 1)", list(paths), index=1, key="ls_to")
-    line = loaders.landscape(paths[first], "interpolation", settings, other=paths[second])
+    line = landscape_of(paths[first], "interpolation", settings, other=paths[second])
     if line is None and st.button("Compute the interpolation", key="ls_compute_line"):
         line = compute_with_bar(
             f"{first} -> {second}",
-            lambda p: loaders.landscape(
+            lambda p: landscape_of(
                 paths[first], "interpolation", settings, other=paths[second], compute=True, progress=p
             ),
         )

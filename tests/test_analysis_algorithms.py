@@ -210,3 +210,25 @@ def test_lanczos_finds_every_copy_of_a_repeated_top_eigenvalue():
     np.testing.assert_allclose(est.eigenvalues, [2.0, 2.0, 2.0, 1.5], rtol=1e-6)
     single = lanczos_eigenvalues(op, 4, tol=1e-8, verify=False)
     assert np.sum(np.isclose(single.eigenvalues, 2.0)) < 3  # what the check is for
+
+
+def test_the_pure_operators_and_the_random_vector_helper():
+    from flatlora_analysis.hessian import DeflatedOperator, ShiftedOperator, random_vectors
+
+    spectrum = np.array([5.0, 2.0, 1.0, -1.0])
+    op = DenseOperator(symmetric_with_spectrum(spectrum, seed=3))
+    _, vectors = torch.linalg.eigh(op.matrix)
+    top = vectors[:, -1]
+    deflated = DeflatedOperator(op, [top])
+    dense = torch.stack([deflated.matvec(e) for e in torch.eye(4, dtype=torch.float64)], dim=1)
+    np.testing.assert_allclose(torch.linalg.eigvalsh(dense).numpy(), [-1.0, 0.0, 1.0, 2.0], atol=1e-12)
+    shifted = ShiftedOperator(op, 5.0)
+    v = random_vectors(4, generator=torch.Generator().manual_seed(0), unit=True)
+    assert torch.allclose(shifted.matvec(v), op.matrix @ v - 5.0 * v) and deflated.n_products == op.n_products
+    assert v.norm().item() == pytest.approx(1.0, abs=1e-15)
+    signs = random_vectors(6, 3, generator=torch.Generator().manual_seed(1), kind="rademacher")
+    assert signs.shape == (3, 6) and set(signs.unique().tolist()) <= {-1.0, 1.0}
+    again = random_vectors(6, 3, generator=torch.Generator().manual_seed(1), kind="rademacher")
+    assert torch.equal(signs, again)
+    with pytest.raises(FlatLoraError, match="gaussian or rademacher"):
+        random_vectors(3, generator=torch.Generator(), kind="uniform")

@@ -160,6 +160,13 @@ def test_results_round_trip_through_the_store(tmp_path):
         result_key("another", probe.fingerprint(), "landscape_2d", settings),
     ):
         assert other != key and ResultStore(tmp_path).get(other) is None
+    # a file of the store's older format under the same name is recomputed, never read
+    store = ResultStore(tmp_path / "old")
+    store.folder.mkdir()
+    store.path(key).write_text(json.dumps({"parts": {}, "result": result.to_dict()}))
+    assert store.get(key) is None
+    _, reused, _ = cached([store], "adapter", probe.fingerprint(), "landscape_2d", settings, lambda: result)
+    assert not reused and json.loads(store.path(key).read_text())["format"] == 2
 
 
 def test_cli_saves_and_reuses_landscapes(runs, capsys):

@@ -19,16 +19,26 @@ from flatlora_analysis.hessian.measures import (
     spectral_density,
     top_eigenvalues,
 )
-from flatlora_analysis.hessian.operator import DenseOperator, HessianOperator
+from flatlora_analysis.hessian.operator import HessianOperator
+from flatlora_analysis.hessian.operators import (
+    DeflatedOperator,
+    DenseOperator,
+    Operator,
+    ShiftedOperator,
+    random_vectors,
+)
 from flatlora_analysis.hessian.trace import hutchinson, hutchpp
 
 __all__ = [
+    "DeflatedOperator",
     "DenseOperator",
     "DensityResult",
     "EigenEstimate",
     "EigenResult",
     "HessianOperator",
     "LayerCurvatureResult",
+    "Operator",
+    "ShiftedOperator",
     "TraceResult",
     "broadened_density",
     "eigsh_eigenvalues",
@@ -40,6 +50,7 @@ __all__ = [
     "lanczos_tridiagonal",
     "layer_curvature",
     "power_eigenvalues",
+    "random_vectors",
     "slq",
     "spectral_density",
     "top_eigenvalues",

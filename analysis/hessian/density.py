@@ -16,7 +16,8 @@ import torch
 from scipy.linalg import eigh_tridiagonal
 
 from flatlora.errors import FlatLoraError
-from flatlora_analysis.hessian.lanczos import _random_unit, lanczos_tridiagonal
+from flatlora_analysis.hessian.lanczos import lanczos_tridiagonal
+from flatlora_analysis.hessian.operators import random_vectors
 
 
 @dataclass
@@ -38,7 +39,7 @@ def slq(op: Any, steps: int = 40, runs: int = 1, *, seed: int = 0) -> Quadrature
     start = op.n_products
     nodes, weights = [], []
     for _ in range(runs):
-        v0 = _random_unit(op.dim, generator, op.device, rademacher=True)
+        v0 = random_vectors(op.dim, generator=generator, device=op.device, kind="rademacher", unit=True)
         alpha, beta, _ = lanczos_tridiagonal(op, steps, v0, generator=generator)
         if len(alpha) == 1:
             theta, S = alpha, np.ones((1, 1))

@@ -15,6 +15,7 @@ import torch
 from scipy.linalg import eigh_tridiagonal
 
 from flatlora.errors import FlatLoraError
+from flatlora_analysis.hessian.operators import DeflatedOperator, ShiftedOperator, as_linear_operator, random_vectors
 
 WHICH = ("algebraic", "magnitude")
 
@@ -30,15 +31,6 @@ class EigenEstimate:
     errors: np.ndarray
     eigenvectors: list[torch.Tensor] = field(default_factory=list, repr=False)
     meta: dict[str, Any] = field(default_factory=dict)
-
-
-def _random_unit(dim: int, generator: torch.Generator, device, rademacher: bool = False) -> torch.Tensor:
-    if rademacher:
-        v = torch.randint(0, 2, (dim,), generator=generator, dtype=torch.int8).double() * 2 - 1
-    else:
-        v = torch.randn(dim, generator=generator, dtype=torch.float64)
-    v = v.to(device)
-    return v / v.norm()
 
 
 def _select(theta: np.ndarray, k: int, which: str) -> np.ndarray:
@@ -102,7 +94,7 @@ class _Lanczos:
         if b <= 1e-10 * scale:  # an invariant subspace: continue from a fresh direction
             self.beta[-1] = 0.0
             self.exhausted = True
-            r = _random_unit(self.dim, self.generator, self.Q.device)
+            r = random_vectors(self.dim, generator=self.generator, device=self.Q.device, unit=True)
             for _ in range(2):
                 r = r - basis.T @ (basis @ r)
             self.Q[j + 1] = r / r.norm()
@@ -118,29 +110,9 @@ class _Lanczos:
         return theta, S
 
 
-class _Deflated:
-    """(I - V V^T) A (I - V V^T): A with the found eigenvectors V removed; products count on A."""
-
-    def __init__(self, op: Any, vectors: list[torch.Tensor]) -> None:
-        self.op = op
-        self.V = torch.stack(vectors).to(device=op.device, dtype=torch.float64)
-        self.dim, self.dtype, self.device = op.dim, op.dtype, op.device
-
-    @property
-    def n_products(self) -> int:
-        return self.op.n_products
-
-    def _project(self, v: torch.Tensor) -> torch.Tensor:
-        v = v.to(torch.float64)
-        return v - self.V.T @ (self.V @ v)
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        return self._project(self.op.matvec(self._project(v)).to(torch.float64))
-
-
 def _lanczos_run(op, k, which, tol, max_iter, generator):
     """One Lanczos run to convergence: (values, errors, vectors, converged, iterations)."""
-    it = _Lanczos(op, _random_unit(op.dim, generator, op.device), generator)
+    it = _Lanczos(op, random_vectors(op.dim, generator=generator, device=op.device, unit=True), generator)
     converged = False
     idx, errors, theta, S = np.arange(1), np.full(k, np.inf), np.zeros(1), np.ones((1, 1))
     while len(it.alpha) < max_iter:
@@ -204,7 +176,9 @@ def lanczos_eigenvalues(
     checks = 0
     while verify and converged and 2 <= k < op.dim - len(vectors) and checks < k:
         checks += 1
-        extra, extra_err, extra_vec, ok, n = _lanczos_run(_Deflated(op, vectors), 1, which, tol, max_iter, generator)
+        extra, extra_err, extra_vec, ok, n = _lanczos_run(
+            DeflatedOperator(op, vectors), 1, which, tol, max_iter, generator
+        )
         iterations += n
         key = (lambda x: abs(x)) if which == "magnitude" else (lambda x: x)
         weakest = min(range(k), key=lambda i: key(values[i]))
@@ -246,8 +220,6 @@ def power_eigenvalues(
     values, vectors, converged = _deflated_power(op, k, tol, max_iter, generator)
     shift = 0.0
     if which == "algebraic" and values[0] < 0:
-        from flatlora_analysis.hessian.operator import ShiftedOperator
-
         shift = values[0]
         shifted, vectors, converged = _deflated_power(ShiftedOperator(op, shift), k, tol, max_iter, generator)
         values = [v + shift for v in shifted]
@@ -274,7 +246,7 @@ def _deflated_power(op, k, tol, max_iter, generator):
     vectors: list[torch.Tensor] = []
     all_converged = True
     for _ in range(k):
-        v = _random_unit(op.dim, generator, op.device)
+        v = random_vectors(op.dim, generator=generator, device=op.device, unit=True)
         value, converged = None, False
         for _ in range(max_iter):
             for u in vectors:
@@ -300,12 +272,10 @@ def eigsh_eigenvalues(
     """scipy's ARPACK ``eigsh`` (implicitly restarted Lanczos) over the operator, on the host."""
     from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
-    from flatlora_analysis.hessian.operator import as_linear_operator
-
     if k >= op.dim:
         raise FlatLoraError(f"eigsh needs k < dimension ({op.dim}): ask for fewer, or use solver='lanczos'")
     start = op.n_products
-    v0 = _random_unit(op.dim, torch.Generator().manual_seed(seed), "cpu").numpy()
+    v0 = random_vectors(op.dim, generator=torch.Generator().manual_seed(seed), device="cpu", unit=True).numpy()
     try:
         values = eigsh(
             as_linear_operator(op),

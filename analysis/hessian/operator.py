@@ -1,9 +1,7 @@
-"""Symmetric operators for the curvature algorithms: the Hessian of a model, and a dense matrix.
+"""The model-bound operator: v -> H v, H the Hessian of a probe-set loss in a parameter space.
 
-The algorithms (Lanczos, power iteration, Hutchinson, Hutch++, SLQ) need only ``matvec``,
-``dim``, ``dtype``, ``device`` and a product counter; they know nothing of models, so each is
-tested on a dense matrix with a known spectrum, and the Hessian operator alone is tested
-against ``torch.autograd.functional.hessian``.
+It satisfies :class:`flatlora_analysis.hessian.operators.Operator`; the pure operators (dense,
+shifted, deflated) and the random probe vectors live in :mod:`flatlora_analysis.hessian.operators`.
 """
 
 from __future__ import annotations
@@ -15,42 +13,11 @@ from typing import Any
 import torch
 
 from flatlora.errors import FlatLoraError
+from flatlora_analysis.hessian.operators import DenseOperator, ShiftedOperator, as_linear_operator
 from flatlora_analysis.objective import ModelObjective, double_backward_attention
 
 HVP_METHODS = ("autograd", "fd", "auto")
-
-
-class DenseOperator:
-    """A symmetric matrix as an operator (for tests and small problems)."""
-
-    def __init__(self, matrix: torch.Tensor) -> None:
-        if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
-            raise FlatLoraError(f"a square matrix is needed, got shape {tuple(matrix.shape)}")
-        self.matrix = matrix
-        self.dim = matrix.shape[0]
-        self.dtype = matrix.dtype
-        self.device = matrix.device
-        self.n_products = 0
-        self.meta: dict[str, Any] = {"operator": "dense"}
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        self.n_products += 1
-        return self.matrix @ v.to(self.dtype)
-
-
-class ShiftedOperator:
-    """A - sigma I, sharing the product counter of A (for shifted power iteration)."""
-
-    def __init__(self, op: Any, sigma: float) -> None:
-        self.op, self.sigma = op, sigma
-        self.dim, self.dtype, self.device = op.dim, op.dtype, op.device
-
-    @property
-    def n_products(self) -> int:
-        return self.op.n_products
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        return self.op.matvec(v) - self.sigma * v.to(self.op.dtype)
+__all__ = ["HVP_METHODS", "DenseOperator", "HessianOperator", "ShiftedOperator", "as_linear_operator"]
 
 
 class HessianOperator:
@@ -177,15 +144,3 @@ class HessianOperator:
     def to_scipy(self):
         """A ``scipy.sparse.linalg.LinearOperator`` in float64 on the host."""
         return as_linear_operator(self)
-
-
-def as_linear_operator(op: Any):
-    """Any operator of this module as a float64 ``scipy.sparse.linalg.LinearOperator``."""
-    import numpy as np
-    from scipy.sparse.linalg import LinearOperator
-
-    def matvec(x):
-        v = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).reshape(-1)).to(op.device)
-        return op.matvec(v).detach().double().cpu().numpy()
-
-    return LinearOperator((op.dim, op.dim), matvec=matvec, rmatvec=matvec, dtype=np.float64)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from flatlora.errors import FlatLoraError
+from flatlora_analysis.hessian.operators import random_vectors
 
 TRACE_METHODS = ("hutch++", "hutchinson")
 
@@ -29,11 +30,6 @@ class TraceEstimate:
     samples: np.ndarray
     converged: bool
     meta: dict[str, Any] = field(default_factory=dict)
-
-
-def _rademacher(dim: int, count: int, generator: torch.Generator, device) -> torch.Tensor:
-    """(count, dim) random signs, float64."""
-    return (torch.randint(0, 2, (count, dim), generator=generator, dtype=torch.int8).double() * 2 - 1).to(device)
 
 
 def _stats(samples: np.ndarray) -> tuple[float, float]:
@@ -56,7 +52,7 @@ def hutchinson(
     values: list[float] = []
     converged = tol is None
     for _ in range(samples):
-        v = _rademacher(op.dim, 1, generator, op.device)[0]
+        v = random_vectors(op.dim, 1, generator=generator, device=op.device, kind="rademacher")[0]
         values.append(float(v @ op.matvec(v).to(torch.float64)))
         if tol is not None and len(values) >= max(2, min_samples):
             mean, se = _stats(np.array(values))
@@ -76,12 +72,12 @@ def hutchpp(op: Any, samples: int = 99, *, seed: int = 0) -> TraceEstimate:
     start = op.n_products
     m = samples // 3
     m = min(m, op.dim)
-    S = _rademacher(op.dim, m, generator, op.device)
+    S = random_vectors(op.dim, m, generator=generator, device=op.device, kind="rademacher")
     AS = torch.stack([op.matvec(s).to(torch.float64) for s in S])
     Q, _ = torch.linalg.qr(AS.T)  # (dim, m), orthonormal columns
     exact = sum(float(Q[:, i] @ op.matvec(Q[:, i]).to(torch.float64)) for i in range(Q.shape[1]))
     n_res = max(2, samples - 2 * m)
-    G = _rademacher(op.dim, n_res, generator, op.device)
+    G = random_vectors(op.dim, n_res, generator=generator, device=op.device, kind="rademacher")
     residual = []
     for g in G:
         r = g - Q @ (Q.T @ g)

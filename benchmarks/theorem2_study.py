@@ -112,10 +112,11 @@ def correlation_lines(correlation: dict[str, Any] | None) -> str:
     lines = ["| measure | vs | Kendall tau [95% CI] | granulated Kendall |", "|---|---|---:|---:|"]
     for c in correlation["rows"]:
         if c["target"] in ("test_loss", "test_accuracy") and c["measure"] in dict(MEASURES):
-            k, g = c["kendall"], c["granulated"]
+            k, g = c["kendall"], c["granulated"] or {}
             interval = f" [{k['low']:.2f}, {k['high']:.2f}]" if k.get("low") is not None else ""
-            psi = f"{g['value']:.3f}" if g and g.get("value") is not None else ""
-            lines.append(f"| {c['measure']} | {c['target']} | {k['value']:.3f}{interval} | {psi} |")
+            tau = "n/a" if k.get("value") is None else f"{k['value']:.3f}"  # undefined (NaN, None in JSON)
+            psi = "" if g.get("value") is None else f"{g['value']:.3f}"
+            lines.append(f"| {c['measure']} | {c['target']} | {tau}{interval} | {psi} |")
     return "\n".join(lines)
 
 

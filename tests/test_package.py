@@ -40,3 +40,13 @@ def test_flatlora_never_imports_analysis_or_app():
 
 def test_the_export_table_and_all_agree():
     assert set(flatlora.__all__) == {"FlatLoraError", "__version__", *flatlora._WHERE}
+
+
+def test_the_measuring_names_are_the_functions_whatever_was_imported_first():
+    """``sharpness`` is a function and a module name: the package must export the function."""
+    code = (
+        "import flatlora_analysis.sharpness, flatlora_analysis.report.measure; "
+        "from flatlora_analysis import sharpness, plots; import flatlora_analysis as a; "
+        "assert callable(sharpness) and callable(a.sharpness) and hasattr(plots, 'landscape_1d_figure')"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -7,7 +7,7 @@ import dataclasses
 import streamlit as st
 
 from flatlora_analysis import plots
-from flatlora_app import loaders
+from flatlora_app import loaders, measures
 
 st.title("Curvature (Hessian)")
 root = loaders.runs_folder_or_stop()
@@ -27,14 +27,14 @@ st.caption(
     "every one of its settings matches these"
 )
 found = {
-    m: {name: loaders.curvature(paths[name], m, settings, root=root) for name in chosen} for m in loaders.CURVATURE
+    m: {name: measures.curvature(paths[name], m, settings, root=root) for name in chosen} for m in measures.CURVATURE
 }
 missing = [(m, name) for m, by_run in found.items() for name, r in by_run.items() if r is None]
 if missing and st.button(f"Compute the {len(missing)} missing measure(s)", key="cv_compute"):
     bar = st.progress(0.0)
     for i, (m, name) in enumerate(missing):
         bar.progress(i / len(missing), text=f"{name}: {m}")
-        found[m][name] = loaders.curvature(paths[name], m, settings, root=root, compute=True)
+        found[m][name] = measures.curvature(paths[name], m, settings, root=root, compute=True)
     bar.empty()
 eig = {n: r for n, r in found["top_eigenvalues"].items() if r is not None}
 trace = {n: r for n, r in found["trace"].items() if r is not None}

@@ -8,14 +8,14 @@ import streamlit as st
 
 from flatlora_analysis import plots
 from flatlora_analysis.balance import trajectory_steps
-from flatlora_app import loaders
+from flatlora_app import loaders, measures
 
 st.title("Loss landscapes")
 root = loaders.runs_folder_or_stop()
 runs = loaders.finished_runs_or_stop(root, "no finished run yet: landscapes need a saved adapter")
 paths = {r["run"]: r["path"] for r in runs}
 settings = loaders.measure_defaults(root)
-landscape_of = functools.partial(loaders.landscape, root=root)  # RUN/analysis, then ROOT/report/cache
+landscape_of = functools.partial(measures.landscape, root=root)  # RUN/analysis, then ROOT/report/cache
 with st.expander("Settings (the demo's by default, so its saved landscapes are reused)"):
     c1, c2, c3, c4 = st.columns(4)
     settings["steps"] = c1.number_input("grid points", 3, 101, settings["steps"], step=2, key="ls_steps")

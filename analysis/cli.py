@@ -1,7 +1,7 @@
 """The measuring commands of the root CLI, beside the package they run: ``flatlora landscape`` and ``flatlora report``.
 
-This module is light (argparse only): the measures are imported inside the commands, so
-``flatlora --help`` and ``flatlora train`` do not pay for them.
+The measures themselves are imported inside the commands (the package's ``__init__`` still
+brings torch and scipy when the root CLI lists these commands).
 """
 
 from __future__ import annotations

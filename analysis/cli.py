@@ -313,7 +313,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "landscape",
         help="loss landscape of a run: 1-D, 2-D, trajectory PCA, or between two adapters",
         description="Evaluate the loss of a run's adapter on a grid (one forward pass over the probe set per point) "
-        "and save it (NPZ + JSON) in RUN/analysis/, where a later call with the same settings reuses it. Under "
+        "and store it (result-KEY.json) in RUN/analysis/, where a later call with the same settings reuses it. Under "
         "torchrun each rank evaluates its share of the grid and rank 0 writes.",
     )
     land.add_argument("run", help="run directory, or a peft LoRA adapter folder (with --data)")
@@ -340,7 +340,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="measure saved adapters: sharpness, Hessian, balancedness, Theorem-2 error -> JSON/CSV/MD/HTML",
         description="Measure run directories or bare peft adapter folders (folders of runs are expanded) and "
         "write report.json, report.csv, report.md and a self-contained report.html into --out. Every measure is "
-        "cached per (adapter content, settings), so an interrupted report resumes; --shard i/n splits the "
+        "stored by (adapter content, probe content, measure, every setting), so an interrupted report resumes; "
+        "--shard i/n splits the "
         "adapters across processes and --merge joins the shards.",
     )
     report.add_argument("paths", nargs="*", help="run directories, adapter folders, or folders of runs")

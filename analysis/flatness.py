@@ -97,6 +97,12 @@ def adaptive_sharpness(
     normalized logits (``logit_normalization=False``: the plain loss). Scaling the layer that
     produces the logits (weights and bias) by any factor leaves the value unchanged.
 
+    With two classes the normalized logits are +-(1/sqrt 2, -1/sqrt 2) whatever the model, so
+    the normalized loss only moves where a prediction flips: the value is 0 or a jump, and
+    ``meta["note"]`` says so (measured: 0.0 on every few-shot SST-2 adapter of the Theorem-2
+    study at rho 0.001, a gradient of 1e-9). Use it with three or more classes, or with
+    ``logit_normalization=False``.
+
     Returns:
         A :class:`SharpnessResult` whose settings add ``measure="adaptive-worst"`` and
         ``logit_normalization``.
@@ -107,7 +113,16 @@ def adaptive_sharpness(
         steps=steps, restarts=restarts, seed=seed, device=device, progress=progress,
     )  # fmt: skip
     settings = {**result.settings, "measure": "adaptive-worst", "logit_normalization": logit_normalization}
-    return dataclasses.replace(result, settings=settings)
+    meta = dict(result.meta)
+    if logit_normalization and _n_classes(model, probe) == 2:
+        meta["note"] = "two classes: normalized logits are constant up to sign, the value is 0 or a prediction flip"
+    return dataclasses.replace(result, settings=settings, meta=meta)
+
+
+def _n_classes(model: nn.Module, probe: ProbeSet) -> int | None:
+    """The width of the model's logits (its config's num_labels), or None where it names none."""
+    config = getattr(model, "config", None)
+    return getattr(config, "num_labels", None) if config is not None else None
 
 
 # ----------------------------------------------------------------------------- PAC-Bayes flatness

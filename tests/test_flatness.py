@@ -192,6 +192,17 @@ def test_relative_flatness_equals_the_dense_float64_hessian_formula():
     assert Result.from_dict(result.to_dict()).value == result.value
 
 
+def test_adaptive_sharpness_says_when_two_classes_make_it_degenerate():
+    """Binary logits normalize to +-(1, -1)/sqrt(2): the loss moves only where a prediction flips."""
+    model = tiny_model("bert", dtype=torch.float64)
+    probe = ProbeSet.from_batches(tiny_batches("bert", 2, 4))
+    z = torch.tensor([[0.3, -2.0], [5.0, 4.0]], dtype=torch.float64)
+    assert torch.allclose(normalize_logits(z).abs(), torch.full((2, 2), 2**-0.5, dtype=torch.float64))
+    result = adaptive_sharpness(model, probe, 1e-4, steps=2)
+    assert "two classes" in result.meta["note"] and result.value == pytest.approx(0.0, abs=1e-12)
+    assert "note" not in adaptive_sharpness(model, probe, 1e-4, steps=2, logit_normalization=False).meta
+
+
 def test_relative_flatness_finds_a_peft_classifiers_saved_head():
     model = tiny_model("bert", dtype=torch.float64)
     probe = ProbeSet.from_batches(tiny_batches("bert", 2, 4))

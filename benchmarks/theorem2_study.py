@@ -100,7 +100,7 @@ def measures_table(rows: list[dict[str, Any]], names: list[str]) -> str:
     for name in names:
         mine = [r for r in rows if r["cell"] == name]
         if mine:
-            cols = [_mean_std([r.get(k) for r in mine], 1, 4) for k, _ in MEASURES]
+            cols = [_mean_std_sig([r.get(k) for r in mine]) for k, _ in MEASURES]
             lines.append(f"| {name} | " + " | ".join(cols) + " |")
     return "\n".join(lines)
 
@@ -131,6 +131,15 @@ def save_figures(out: Path, rows: list[dict[str, Any]], histories: dict[str, lis
         tmp = out / f".{file}.tmp.png"
         fig.savefig(tmp, dpi=130)
         tmp.replace(out / file)
+
+
+def _mean_std_sig(values: list[float | None]) -> str:
+    """mean +- std in three significant digits (the measures span 1e-5 to 1)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return ""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.3g} ± {std:.2g}"
 
 
 def _mean_std(values: list[float | None], scale: float = 1.0, digits: int = 4) -> str:

@@ -114,12 +114,12 @@ def adaptive_sharpness(
     )  # fmt: skip
     settings = {**result.settings, "measure": "adaptive-worst", "logit_normalization": logit_normalization}
     meta = dict(result.meta)
-    if logit_normalization and _n_classes(model, probe) == 2:
+    if logit_normalization and _n_classes(model) == 2:
         meta["note"] = "two classes: normalized logits are constant up to sign, the value is 0 or a prediction flip"
     return dataclasses.replace(result, settings=settings, meta=meta)
 
 
-def _n_classes(model: nn.Module, probe: ProbeSet) -> int | None:
+def _n_classes(model: nn.Module) -> int | None:
     """The width of the model's logits (its config's num_labels), or None where it names none."""
     config = getattr(model, "config", None)
     return getattr(config, "num_labels", None) if config is not None else None

@@ -30,11 +30,6 @@ def probe_set(path: str, split: str, n: int | None, batch_size: int):
     return ProbeSet.from_run(path, split, n=n, batch_size=batch_size)
 
 
-def model_and_probe(path: str, split: str, n: int | None, batch_size: int):
-    """The run's peft model (eval mode) and its probe set."""
-    return run_model(path), probe_set(path, split, n, batch_size)
-
-
 def _adapter(path: str) -> Path:
     return Path(path) / "adapter"
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from flatlora.errors import FlatLoraError
 from flatlora_analysis.registry import measure
 from flatlora_analysis.store import ResultStore, cached
 
@@ -36,7 +37,7 @@ def landscape_call(
     from flatlora_analysis.loading import adapter_hash
 
     if kind not in KINDS:
-        raise ValueError(f"unknown landscape kind {kind!r}: use one of {', '.join(KINDS)}")
+        raise FlatLoraError(f"unknown landscape kind {kind!r}: use one of {', '.join(KINDS)}")
     if kind == "1d":
         given = {"steps": steps, "span": 1.0 if span is None else span, "space": space, "seed": seed}
     elif kind in ("2d", "pca"):

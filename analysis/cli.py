@@ -61,14 +61,22 @@ def check_device(text: str | None) -> None:
 
 
 class ProgressBars:
-    """A tqdm bar per labelled task, for ``progress(done, total)`` callbacks; silent when disabled."""
+    """A tqdm bar per labelled task, for ``progress(done, total)`` callbacks; silent when disabled.
 
-    def __init__(self, enabled: bool) -> None:
+    When stderr is not a terminal (a log file, CI, nohup), the rule of training's progress:
+    plain lines, one when a task starts, at each quarter and when it ends, instead of bars
+    redrawn with carriage returns.
+    """
+
+    def __init__(self, enabled: bool, plain: bool | None = None) -> None:
         self.enabled = enabled
+        self.plain = (not sys.stderr.isatty()) if plain is None else plain
 
     def __call__(self, label: str):
         if not self.enabled:
             return None
+        if self.plain:
+            return _plain_progress(label)
         from tqdm.auto import tqdm
 
         state: dict[str, Any] = {}
@@ -88,9 +96,29 @@ class ProgressBars:
     def iterate(self, items: list, desc: str):
         if not self.enabled:
             return items
+        if self.plain:
+            return _plain_items(items, desc)
         from tqdm.auto import tqdm
 
         return tqdm(items, desc=desc, unit="adapter", file=sys.stderr)
+
+
+def _plain_progress(label: str):
+    state = {"quarter": -1}
+
+    def update(done: int, total: int) -> None:
+        quarter = 4 * done // max(total, 1)
+        if quarter > state["quarter"]:
+            state["quarter"] = quarter
+            print(f"{label}: {done}/{total}", file=sys.stderr, flush=True)
+
+    return update
+
+
+def _plain_items(items: list, desc: str):
+    for i, item in enumerate(items, start=1):
+        print(f"{desc}: {i}/{len(items)}: {getattr(item, 'name', item)}", file=sys.stderr, flush=True)
+        yield item
 
 
 def quiet_transformers() -> None:
@@ -124,6 +152,7 @@ def settings_from_args(args: argparse.Namespace):
         trace_samples=args.trace_samples,
         density_steps=args.density_steps,
         layers=True if args.layers else None,
+        hessian_engine=args.hessian_engine,
         seed=args.seed,
     )
     if args.n is not None:  # an explicit count, or all (None in the settings: the preset call reads None as unset)
@@ -369,6 +398,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     report.add_argument("--trace-samples", type=int, default=None, help="Hutch++ products for the trace (0: skip)")
     report.add_argument("--density-steps", type=int, default=None, help="SLQ Lanczos steps for the density (0: skip)")
     report.add_argument("--layers", action="store_true", help="per-layer top eigenvalue and trace")
+    report.add_argument(
+        "--hessian-engine",
+        choices=["shared", "reference"],
+        default=None,
+        help="shared (default: block products, shared estimators) or reference (each measure alone)",
+    )
     report.add_argument("--seed", type=int, default=None, help="seed of every random draw (default 0)")
     report.add_argument("--shard", help="i/n: measure every n-th adapter, starting at the i-th")
     report.add_argument("--merge", action="store_true", help="join the shards in --out into the report")

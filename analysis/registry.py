@@ -82,6 +82,7 @@ MEASURES: dict[str, Measure] = dict(
         _m("trace", "hessian:hessian_trace", "hessian:TraceResult", "Hessian trace (Hutch++/Hutchinson)"),
         _m("density", "hessian:spectral_density", "hessian:DensityResult", "Hessian spectral density (SLQ)"),
         _m("layers", "hessian:layer_curvature", "hessian:LayerCurvatureResult", "per-layer top eigenvalue, trace"),
+        _m("curvature", "hessian.suite:curvature", "hessian.suite:CurvatureResult", "every Hessian measure, shared"),
         _m("landscape_1d", "landscape:landscape_1d", "landscape:LandscapeResult", "loss along a direction"),
         _m("landscape_2d", "landscape:landscape_2d", "landscape:LandscapeResult", "loss on a plane"),
         _m("interpolation", "landscape:interpolate", "landscape:LandscapeResult", "loss between two adapters"),

@@ -162,16 +162,18 @@ def test_a_curvature_result_of_other_settings_is_never_shown_as_matching(runs_fo
     settings = ReportSettings.from_dict(json.loads((root / "report" / "report.json").read_text())["settings"])
     probe = ProbeSet.from_run(run, settings.split, n=settings.n, batch_size=settings.batch_size)
 
-    def key(s: ReportSettings) -> str:
-        [given] = [g for label, _, g in report_measures("classification", s) if label == "hessian.top_eigenvalues"]
-        complete = measure("top_eigenvalues").complete(**given)
-        return result_key(adapter_hash(run / "adapter"), probe.fingerprint(), "top_eigenvalues", complete)
+    def key(s: ReportSettings, label: str = "hessian.top_eigenvalues") -> str:
+        [(name, given)] = [(n, g) for lab, n, g in report_measures("classification", s) if lab == label]
+        complete = measure(name).complete(**given)
+        return result_key(adapter_hash(run / "adapter"), probe.fingerprint(), name, complete)
 
-    own = key(settings)
-    assert ResultStore(root / "report" / "cache").path(own).exists()  # the page's key is the report's key
-    ResultStore(root / "report" / "cache").path(own).unlink()
+    shared = key(settings, "hessian.curvature")  # the report's engine keeps every Hessian measure in one result
+    assert ResultStore(root / "report" / "cache").path(shared).exists()  # the page looks under the report's key
+    ResultStore(root / "report" / "cache").path(shared).unlink()
+    alone = dataclasses.replace(settings, hessian_engine="reference")
+    own = key(alone)  # with that gone, the page asks the measure alone, with the report's settings
     fake = EigenResult(np.array([12345.0]), hvps=1, converged=True)
-    others = [dataclasses.replace(settings, eig_tol=settings.eig_tol / 10), dataclasses.replace(settings, seed=7)]
+    others = [dataclasses.replace(alone, eig_tol=settings.eig_tol / 10), dataclasses.replace(alone, seed=7)]
     for other in others:
         assert key(other) != own
         ResultStore(run / "analysis").put(key(other), {}, fake, 0.0)

@@ -28,8 +28,13 @@ class Quadrature:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def slq(op: Any, steps: int = 40, runs: int = 1, *, seed: int = 0) -> Quadrature:
-    """Nodes and weights of ``runs`` SLQ runs of ``steps`` Lanczos steps each."""
+def slq(op: Any, steps: int = 40, runs: int = 1, *, seed: int = 0, batched: bool = False) -> Quadrature:
+    """Nodes and weights of ``runs`` SLQ runs of ``steps`` Lanczos steps each.
+
+    ``batched``: the runs advance in lockstep, one block product a step
+    (:mod:`~flatlora_analysis.hessian.lockstep`); the start vectors are drawn first, so the
+    nodes equal the sequential runs' to round-off unless a run exhausts its Krylov space.
+    """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise FlatLoraError(f"steps={steps!r}: pass an integer >= 1")
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
@@ -38,9 +43,22 @@ def slq(op: Any, steps: int = 40, runs: int = 1, *, seed: int = 0) -> Quadrature
     generator = torch.Generator().manual_seed(seed)
     start = op.n_products
     nodes, weights = [], []
-    for _ in range(runs):
-        v0 = random_vectors(op.dim, generator=generator, device=op.device, kind="rademacher", unit=True)
-        alpha, beta, _ = lanczos_tridiagonal(op, steps, v0, generator=generator)
+    if batched:
+        from flatlora_analysis.hessian.lockstep import Lane, run_lockstep
+
+        lanes = [
+            Lane(random_vectors(op.dim, generator=generator, device=op.device, kind="rademacher", unit=True),
+                 steps=steps, generator=generator)
+            for _ in range(runs)
+        ]  # fmt: skip
+        run_lockstep(op, lanes)
+        tridiagonals = [lane.tridiagonal() for lane in lanes]
+    else:
+        tridiagonals = []
+        for _ in range(runs):
+            v0 = random_vectors(op.dim, generator=generator, device=op.device, kind="rademacher", unit=True)
+            tridiagonals.append(lanczos_tridiagonal(op, steps, v0, generator=generator)[:2])
+    for alpha, beta in tridiagonals:
         if len(alpha) == 1:
             theta, S = alpha, np.ones((1, 1))
         else:

@@ -55,7 +55,14 @@ def lanczos_tridiagonal(
 
 
 class _Lanczos:
-    """Incremental Lanczos with full (twice) reorthogonalisation against the whole basis."""
+    """Incremental Lanczos with full (twice) reorthogonalisation against the whole basis.
+
+    A step is :meth:`current` (the vector to multiply) then :meth:`feed` (its product), so
+    several runs can share one block product (:mod:`flatlora_analysis.hessian.lockstep`);
+    :meth:`step` does both with ``op.matvec``. ``coefs[j]`` keeps the reorthogonalisation
+    coefficients of step j, so that A q_j = Q_{<=j}^T coefs[j] + beta_j q_{j+1} is known
+    without storing the products (:meth:`products`).
+    """
 
     def __init__(self, op: Any, v0: torch.Tensor, generator: torch.Generator) -> None:
         self.op, self.generator = op, generator
@@ -65,6 +72,7 @@ class _Lanczos:
         self.Q[0] = v0 / v0.norm()
         self.alpha: list[float] = []
         self.beta: list[float] = []
+        self.coefs: list[torch.Tensor] = []
         self.exhausted = False
 
     def basis(self) -> torch.Tensor:
@@ -75,15 +83,27 @@ class _Lanczos:
         bigger[: self.Q.shape[0]] = self.Q
         self.Q = bigger
 
+    def current(self) -> torch.Tensor:
+        """The basis vector whose product the next :meth:`feed` takes."""
+        return self.Q[len(self.alpha)]
+
     def step(self) -> None:
+        self.feed(self.op.matvec(self.current()))
+
+    def feed(self, w: torch.Tensor) -> None:
+        """Take w = A q_j for the current q_j: alpha_j, beta_j and the next basis vector."""
         j = len(self.alpha)
         q = self.Q[j]
-        w = self.op.matvec(q).to(torch.float64)
+        w = w.to(device=q.device, dtype=torch.float64)
         a = float(q @ w)
         self.alpha.append(a)
         basis = self.Q[: j + 1]
+        coef = torch.zeros(j + 1, dtype=torch.float64, device=q.device)
         for _ in range(2):  # twice is enough (Kahan), keeps T's eigenvalues exact to rounding
-            w = w - basis.T @ (basis @ w)
+            c = basis @ w
+            w = w - basis.T @ c
+            coef += c
+        self.coefs.append(coef)
         b = float(w.norm())
         self.beta.append(b)
         if j + 1 >= self.dim:
@@ -101,6 +121,17 @@ class _Lanczos:
         else:
             self.Q[j + 1] = w / b
 
+    def products(self) -> torch.Tensor:
+        """A Q^T (dim x m, float64) rebuilt from the coefficients: column j is A q_j, to rounding."""
+        m = len(self.alpha)
+        rows = min(m + 1, self.dim)
+        C = torch.zeros((m, rows), dtype=torch.float64, device=self.Q.device)
+        for j, coef in enumerate(self.coefs):
+            C[j, : j + 1] = coef
+            if j + 1 < rows:
+                C[j, j + 1] = self.beta[j]
+        return (C @ self.Q[:rows]).T
+
     def ritz(self) -> tuple[np.ndarray, np.ndarray]:
         """Ritz values and the last components of their unit Ritz vectors in the basis."""
         alpha = np.array(self.alpha)
@@ -110,31 +141,41 @@ class _Lanczos:
         return theta, S
 
 
-def _lanczos_run(op, k, which, tol, max_iter, generator):
+def _check_ritz(it: _Lanczos, k: int, which: str, tol: float):
+    """(indices of the wanted Ritz values, their error bounds, converged) after the latest step."""
+    theta, S = it.ritz()
+    idx = _select(theta, k, which)
+    m = len(it.alpha)
+    if m == it.dim:
+        return theta, S, idx, np.zeros(len(idx)), True
+    resid = np.abs(it.beta[m - 1] * S[-1, idx])
+    gaps = np.array([np.min(np.abs(np.delete(theta, i) - theta[i])) if m > 1 else np.inf for i in idx])
+    errors = np.minimum(resid, np.where(gaps > 0, resid**2 / np.maximum(gaps, 1e-300), np.inf))
+    # One step is never enough to judge (a single Ritz value has no gap to bound by).
+    converged = m > max(1, k) and bool(np.all(errors <= tol * np.maximum(np.abs(theta[idx]), 1e-30)))
+    return theta, S, idx, errors, converged
+
+
+def _ritz_pairs(it: _Lanczos, theta, S, idx):
+    Q = it.basis()
+    return list(theta[idx].astype(float)), [torch.from_numpy(S[:, i]).to(Q) @ Q for i in idx]
+
+
+def _lanczos_run(op, k, which, tol, max_iter, generator, v0=None):
     """One Lanczos run to convergence: (values, errors, vectors, converged, iterations)."""
-    it = _Lanczos(op, random_vectors(op.dim, generator=generator, device=op.device, unit=True), generator)
+    start = random_vectors(op.dim, generator=generator, device=op.device, unit=True) if v0 is None else v0
+    it = _Lanczos(op, start, generator)
     converged = False
     idx, errors, theta, S = np.arange(1), np.full(k, np.inf), np.zeros(1), np.ones((1, 1))
     while len(it.alpha) < max_iter:
         it.step()
-        m = len(it.alpha)
-        if m < k:
+        if len(it.alpha) < k:
             continue
-        theta, S = it.ritz()
-        idx = _select(theta, k, which)
-        if m == op.dim:
-            errors, converged = np.zeros(k), True
+        theta, S, idx, errors, converged = _check_ritz(it, k, which, tol)
+        if converged:
             break
-        resid = np.abs(it.beta[m - 1] * S[-1, idx])
-        gaps = np.array([np.min(np.abs(np.delete(theta, i) - theta[i])) if m > 1 else np.inf for i in idx])
-        errors = np.minimum(resid, np.where(gaps > 0, resid**2 / np.maximum(gaps, 1e-300), np.inf))
-        # One step is never enough to judge (a single Ritz value has no gap to bound by).
-        if m > max(1, k) and np.all(errors <= tol * np.maximum(np.abs(theta[idx]), 1e-30)):
-            converged = True
-            break
-    Q = it.basis()
-    vectors = [torch.from_numpy(S[:, i]).to(Q) @ Q for i in idx]
-    return list(theta[idx].astype(float)), list(errors), vectors, converged, len(it.alpha)
+    values, vectors = _ritz_pairs(it, theta, S, idx)
+    return values, list(errors), vectors, converged, len(it.alpha)
 
 
 def lanczos_eigenvalues(
@@ -173,8 +214,28 @@ def lanczos_eigenvalues(
     start = op.n_products
     generator = torch.Generator().manual_seed(seed)
     values, errors, vectors, converged, iterations = _lanczos_run(op, k, which, tol, max_iter, generator)
-    checks = 0
-    while verify and converged and 2 <= k < op.dim - len(vectors) and checks < k:
+    checks, extra = (0, 0)
+    if verify and converged:
+        checks, extra = _verify(op, values, errors, vectors, k, which, tol, max_iter, generator)
+    return _estimate(
+        values,
+        errors,
+        vectors,
+        converged,
+        iterations + extra,
+        op.n_products - start,
+        return_vectors,
+        {"solver": "lanczos", "which": which, "tol": tol, "max_iter": max_iter, "verified": checks > 0},
+    )
+
+
+def _verify(op, values, errors, vectors, k, which, tol, max_iter, generator) -> tuple[int, int]:
+    """Top-1 runs on A deflated by the found vectors, taking in a missed value (lists updated in place).
+
+    Returns (checks run, their iterations).
+    """
+    checks = iterations = 0
+    while 2 <= k < op.dim - len(vectors) and checks < k:
         checks += 1
         extra, extra_err, extra_vec, ok, n = _lanczos_run(
             DeflatedOperator(op, vectors), 1, which, tol, max_iter, generator
@@ -185,15 +246,19 @@ def lanczos_eigenvalues(
         if not (ok and key(extra[0]) - key(values[weakest]) > tol * abs(values[weakest]) + extra_err[0]):
             break
         values[weakest], errors[weakest], vectors[weakest] = extra[0], extra_err[0], extra_vec[0]
+    return checks, iterations
+
+
+def _estimate(values, errors, vectors, converged, iterations, products, return_vectors, meta) -> EigenEstimate:
     order = np.argsort(-np.asarray(values), kind="stable")
     return EigenEstimate(
         eigenvalues=np.asarray(values, dtype=float)[order],
-        products=op.n_products - start,
+        products=products,
         converged=converged,
         iterations=iterations,
         errors=np.asarray(errors, dtype=float)[order],
         eigenvectors=[vectors[i] for i in order] if return_vectors else [],
-        meta={"solver": "lanczos", "which": which, "tol": tol, "max_iter": max_iter, "verified": checks > 0},
+        meta=meta,
     )
 
 

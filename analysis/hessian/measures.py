@@ -225,6 +225,7 @@ def hessian_trace(
     tol: float | None = None,
     backend: str = "flatlora",
     hvp: str = "auto",
+    batched: bool = True,
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: Progress | None = None,
@@ -234,6 +235,8 @@ def hessian_trace(
     Args:
         method: ``hutch++`` (default; ``samples`` products in all) or ``hutchinson`` (up to
             ``samples`` probes; with ``tol``, it stops once stderr <= tol * |trace|).
+        batched: products in blocks (``HessianOperator.matmat``); False: one at a time (the
+            reference mode). The same estimate to round-off.
         backend: ``flatlora`` or ``pyhessian`` (its Hutchinson; its own relative-change stop
             at ``tol``, 1e-3 by default, as PyHessian has it).
         Others as :func:`top_eigenvalues`.
@@ -261,7 +264,9 @@ def hessian_trace(
         with hessian_operator(model, probe, space, hvp=hvp, device=device) as op:
             op.progress, op.budget = progress, samples
             est = (
-                hutchpp(op, samples, seed=seed) if method == "hutch++" else hutchinson(op, samples, tol=tol, seed=seed)
+                hutchpp(op, samples, seed=seed, batched=batched)
+                if method == "hutch++"
+                else hutchinson(op, samples, tol=tol, seed=seed, batched=batched)
             )
             meta = {**op.meta}
     return TraceResult(
@@ -280,11 +285,14 @@ def spectral_density(
     points: int = 512,
     backend: str = "flatlora",
     hvp: str = "auto",
+    batched: bool = True,
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: Progress | None = None,
 ) -> DensityResult:
     """The Hessian's spectral density by stochastic Lanczos quadrature (``runs`` x ``steps`` products).
+
+    ``batched``: the runs in lockstep, one block product a step (False: one after another).
 
     ``backend="pyhessian"`` is accepted and runs this implementation: PyHessian 0.1's density
     calls ``torch.eig``, removed from torch; the result's meta says so.
@@ -303,7 +311,7 @@ def spectral_density(
     }
     with hessian_operator(model, probe, space, hvp=hvp, device=device) as op:
         op.progress, op.budget = progress, steps * runs
-        quad = slq(op, steps, runs, seed=seed)
+        quad = slq(op, steps, runs, seed=seed, batched=batched)
         meta = {**op.meta}
     grid, density, used_sigma = broadened_density(quad.nodes, quad.weights, sigma=sigma, points=points)
     if backend == "pyhessian":

@@ -42,6 +42,8 @@ class HessianOperator:
         *,
         fd_eps: float | None = None,
         retain_graph: bool | None = None,
+        block_size: int = 16,
+        reduce: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
         if method not in HVP_METHODS:
             raise FlatLoraError(f"unknown HVP method {method!r}: use one of {', '.join(HVP_METHODS)}")
@@ -54,12 +56,18 @@ class HessianOperator:
         self.retain_graph = len(objective.probe.batches) == 1 if retain_graph is None else retain_graph
         self.fd_eps = fd_eps
         self.n_products = 0
+        self.n_calls = 0  # backward passes through the graph: a block of k products is one
+        self.block_size = max(1, int(block_size))
+        self.batched: bool | None = None  # None: not tried yet
+        self.reduce = reduce  # sums a product over data-parallel ranks in place
         self.progress: Callable[[int, int], None] | None = None
         self.budget = 0  # products expected, for progress reports
         self._graphs: list[tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
         self._stack = contextlib.ExitStack()
         self.attention = self._stack.enter_context(double_backward_attention(objective.model))
         self.meta: dict[str, Any] = {"hvp": method, "attention": self.attention, "dim": self.dim}
+        if reduce is not None:
+            self.meta["data_parallel"] = True
 
     def __enter__(self) -> HessianOperator:
         return self
@@ -91,10 +99,95 @@ class HessianOperator:
             out = self._autograd(v)
         else:
             out = self._finite_difference(v)
-        self.n_products += 1
+        if self.reduce is not None:
+            self.reduce(out)
+        self._count(1)
+        return out
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """H V for a block V of shape (dim, k): one batched double backward per ``block_size`` columns.
+
+        The columns go through the backward together (``is_grads_batched``, a vmap over the
+        backward graph), which costs less than k single products; where a kernel has no
+        batching rule, or ``method`` is ``fd``, the block falls back to k single products
+        (``meta["batched"]`` says which, ``meta["batched_reason"]`` why). Equal to k
+        :meth:`matvec` calls to round-off.
+        """
+        if V.dim() != 2 or V.shape[0] != self.dim:
+            raise FlatLoraError(f"a block of this space has shape ({self.dim}, k), got {tuple(V.shape)}")
+        V = V.to(device=self.device, dtype=self.dtype)
+        k = V.shape[1]
+        if k == 0:
+            return V.clone()
+        if self.method == "auto":  # settle double backward or finite differences on one product
+            first = self.matvec(V[:, 0])
+            return first[:, None] if k == 1 else torch.cat([first[:, None], self.matmat(V[:, 1:])], 1)
+        if self.method != "autograd" or self.batched is False or k == 1:
+            return torch.stack([self.matvec(V[:, j]) for j in range(k)], 1)
+        blocks = []
+        for cols in V.split(self.block_size, dim=1):
+            try:
+                out = self._autograd_block(cols)
+                self.batched = self.meta["batched"] = True
+            except (RuntimeError, NotImplementedError) as err:
+                if "batch" not in str(err).lower() and "vmap" not in str(err).lower():
+                    raise
+                self.batched = self.meta["batched"] = False
+                self.meta["batched_reason"] = str(err).splitlines()[0][:200]
+                blocks.append(torch.stack([self.matvec(c) for c in cols.T], 1))
+                continue
+            if self.reduce is not None:
+                self.reduce(out)
+            self._count(cols.shape[1])
+            blocks.append(out)
+        return torch.cat(blocks, 1)
+
+    def layer_matvec(self, group: str, v: torch.Tensor) -> torch.Tensor:
+        """H_ll v for the diagonal block of layer ``group`` (v in the layer's coordinates, entry order).
+
+        The double backward runs from that layer's gradient to that layer's parameters only,
+        through the same kept graph as full products, so autograd prunes the layers it needs
+        not visit: a block product of an upper layer costs a fraction of a full one.
+        """
+        sel = [i for i, e in enumerate(self.space.entries) if e.group == group]
+        if not sel:
+            raise FlatLoraError(f"no layer {group!r} in this space: use one of {', '.join(self.space.groups)}")
+        sizes = [self.space.sizes[i] for i in sel]
+        v = v.to(device=self.device, dtype=self.dtype)
+        if self.method != "autograd":  # finite differences (or not settled yet): pad, multiply, read back
+            full = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+            offsets = [sum(self.space.sizes[:i]) for i in sel]
+            for part, lo, n in zip(v.split(sizes), offsets, sizes):
+                full[lo : lo + n] = part
+            out = self.matvec(full)
+            return torch.cat([out[lo : lo + n] for lo, n in zip(offsets, sizes)])
+        parts = [p.view(self.space.entries[i].value.shape) for p, i in zip(v.split(sizes), sel)]
+        total = torch.zeros(len(v), dtype=self.dtype, device=self.device)
+        for leaves, grads in self._graphs_now():
+            used = [(grads[i], p, leaves[i]) for i, p in zip(sel, parts) if grads[i].requires_grad]
+            if not used:
+                continue
+            hv = torch.autograd.grad(
+                [g for g, _, _ in used],
+                [leaf for _, _, leaf in used],
+                grad_outputs=[p for _, p, _ in used],
+                retain_graph=self.retain_graph,
+                allow_unused=True,
+            )
+            flat = iter(torch.zeros_like(leaf) if h is None else h for h, (_, _, leaf) in zip(hv, used))
+            total += torch.cat([next(flat).reshape(-1).to(self.dtype) if grads[i].requires_grad
+                                else torch.zeros(n, dtype=self.dtype, device=self.device)
+                                for i, n in zip(sel, sizes)])  # fmt: skip
+        if self.reduce is not None:
+            self.reduce(total)
+        self._count(1)
+        return total
+
+    def _count(self, products: int) -> None:
+        self.n_products += products
+        self.n_calls += 1
         if self.progress is not None:
             self.progress(min(self.n_products, self.budget), max(self.budget, 1))
-        return out
 
     def _graph(self, batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         obj = self.objective
@@ -106,14 +199,8 @@ class HessianOperator:
 
     def _autograd(self, v: torch.Tensor) -> torch.Tensor:
         parts = self.space.split(v)
-        if self.retain_graph:
-            if self._graphs is None:
-                self._graphs = [self._graph(b) for b in self.objective.probe.batches]
-            graphs = self._graphs
-        else:
-            graphs = (self._graph(b) for b in self.objective.probe.batches)
         total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-        for leaves, grads in graphs:
+        for leaves, grads in self._graphs_now():
             used = [(g, p) for g, p in zip(grads, parts) if g.requires_grad]
             if not used:
                 continue
@@ -126,6 +213,37 @@ class HessianOperator:
             )
             total += self.space.flatten([torch.zeros_like(leaf) if h is None else h for h, leaf in zip(hv, leaves)])
         return total
+
+    def _graphs_now(self):
+        if self.retain_graph:
+            if self._graphs is None:
+                self._graphs = [self._graph(b) for b in self.objective.probe.batches]
+            return self._graphs
+        return (self._graph(b) for b in self.objective.probe.batches)
+
+    def _autograd_block(self, V: torch.Tensor) -> torch.Tensor:
+        k = V.shape[1]
+        rows = V.T.contiguous()  # (k, dim): the batch dimension leads, as is_grads_batched wants
+        parts = [p.view(k, *e.value.shape) for p, e in zip(rows.split(self.space.sizes, dim=1), self.space.entries)]
+        total = torch.zeros((k, self.dim), dtype=self.dtype, device=self.device)
+        for leaves, grads in self._graphs_now():
+            used = [(g, p) for g, p in zip(grads, parts) if g.requires_grad]
+            if not used:
+                continue
+            hv = torch.autograd.grad(
+                [g for g, _ in used],
+                leaves,
+                grad_outputs=[p for _, p in used],
+                retain_graph=self.retain_graph,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+            flat = [
+                torch.zeros((k, leaf.numel()), dtype=self.dtype, device=self.device) if h is None else h.reshape(k, -1)
+                for h, leaf in zip(hv, leaves)
+            ]
+            total += torch.cat([f.to(self.dtype) for f in flat], 1)
+        return total.T
 
     def _finite_difference(self, v: torch.Tensor) -> torch.Tensor:
         norm = v.norm()

@@ -29,6 +29,13 @@ class Operator(Protocol):
     def matvec(self, v: torch.Tensor) -> torch.Tensor: ...
 
 
+def matmat(op: Any, V: torch.Tensor) -> torch.Tensor:
+    """A V for a block V (dim, k): the operator's own ``matmat`` where it has one, else k products."""
+    if hasattr(op, "matmat"):
+        return op.matmat(V)
+    return torch.stack([op.matvec(V[:, j]) for j in range(V.shape[1])], 1)
+
+
 class DenseOperator:
     """A symmetric matrix as an operator (for tests and small problems)."""
 
@@ -46,6 +53,10 @@ class DenseOperator:
         self.n_products += 1
         return self.matrix @ v.to(self.dtype)
 
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        self.n_products += V.shape[1]
+        return self.matrix @ V.to(self.dtype)
+
 
 class ShiftedOperator:
     """A - sigma I, sharing the product counter of A (for shifted power iteration)."""
@@ -61,6 +72,9 @@ class ShiftedOperator:
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self.op.matvec(v) - self.sigma * v.to(self.op.dtype)
 
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return matmat(self.op, V) - self.sigma * V.to(self.op.dtype)
+
 
 class DeflatedOperator:
     """(I - V V^T) A (I - V V^T): A with the found (orthonormal) eigenvectors V removed; products count on A."""
@@ -75,11 +89,15 @@ class DeflatedOperator:
         return self.op.n_products
 
     def _project(self, v: torch.Tensor) -> torch.Tensor:
+        """v, or the columns of a block v, with the components along V removed."""
         v = v.to(torch.float64)
         return v - self.V.T @ (self.V @ v)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self._project(self.op.matvec(self._project(v)).to(torch.float64))
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self._project(matmat(self.op, self._project(V)).to(torch.float64))
 
 
 def random_vectors(

@@ -113,21 +113,32 @@ def report_measures(task: str, s: ReportSettings) -> list[tuple[str, str, dict[s
         else:
             out.append(("flatness.relative", "relative_flatness", {}))
     hess = {"space": s.eig_space, "seed": s.seed}
-    out.append(("hessian.top_eigenvalues", "top_eigenvalues", {**hess, "k": s.eig_k, "tol": s.eig_tol}))
-    if s.trace_samples:
-        out.append(("hessian.trace", "trace", {**hess, "samples": s.trace_samples}))
-    if s.density_steps:
-        out.append(("hessian.density", "density", {**hess, "steps": s.density_steps, "runs": s.density_runs}))
-    if s.layers:
-        given = {**hess, "tol": s.eig_tol, "trace_samples": s.layer_trace_samples}
-        out.append(("hessian.layers", "layers", given))
+    if s.hessian_engine == "shared":
+        given = {**hess, "k": s.eig_k, "tol": s.eig_tol, "trace_samples": s.trace_samples}
+        given.update(density_steps=s.density_steps, density_runs=s.density_runs, layers=s.layers)
+        out.append(("hessian.curvature", "curvature", {**given, "layer_trace_samples": s.layer_trace_samples}))
+    else:
+        out.append(("hessian.top_eigenvalues", "top_eigenvalues", {**hess, "k": s.eig_k, "tol": s.eig_tol}))
+        if s.trace_samples:
+            out.append(("hessian.trace", "trace", {**hess, "samples": s.trace_samples, "batched": False}))
+        if s.density_steps:
+            given = {**hess, "steps": s.density_steps, "runs": s.density_runs, "batched": False}
+            out.append(("hessian.density", "density", given))
+        if s.layers:
+            given = {**hess, "tol": s.eig_tol, "trace_samples": s.layer_trace_samples}
+            out.append(("hessian.layers", "layers", given))
     if s.landscape_steps:
         given = {"steps": s.landscape_steps, "span": s.landscape_span, "space": s.space, "seed": s.seed}
         out.append(("landscape_1d", "landscape_1d", given))
     return out
 
 
-PROGRESS_LABELS = {"top_eigenvalues": "top eigenvalues", "density": "spectral density", "layers": "per-layer curvature"}
+PROGRESS_LABELS = {
+    "curvature": "Hessian (shared)",
+    "top_eigenvalues": "top eigenvalues",
+    "density": "spectral density",
+    "layers": "per-layer curvature",
+}
 
 
 def measure_target(
@@ -190,6 +201,13 @@ def measure_target(
             entry["sharpness"] += value
         elif label.startswith("flatness."):
             flatness[label.split(".", 1)[1]] = value
+        elif label == "hessian.curvature":  # one shared computation: its parts, and what they share
+            hess.update(
+                {part: value[part] for part in ("top_eigenvalues", "trace", "density", "layers") if value[part]}
+            )
+            hess["shares"] = value["shares"]
+            hess["engine"] = {"name": "shared", "hvps": value["hvps"], **{k: value["meta"].get(k) for k in
+                              ("block_products", "batched", "layer_products")}}  # fmt: skip
         elif label.startswith("hessian."):
             hess[label.split(".", 1)[1]] = value
         else:

@@ -32,6 +32,9 @@ class ReportSettings:
             (1 / sigma^2 for a mean loss increase of ``pac_bayes_target``, ``pac_bayes_samples``
             antithetic pairs) and ``relative`` (kappa_Tr of the logit layer; classifiers). A
             measure that does not apply to an adapter's task is left out of its entry.
+        hessian_engine: ``shared`` (one call, block products and shared estimators:
+            ``flatlora_analysis.hessian.suite``) or ``reference`` (each Hessian measure on its
+            own, one product at a time, one run per layer).
         ema_checkpoint: recompute the Theorem-2 error at the latest checkpoint of eflat-lora runs.
         seed: of every random draw.
     """
@@ -59,6 +62,7 @@ class ReportSettings:
     adaptive_rho: float = 0.001
     pac_bayes_target: float = 0.1
     pac_bayes_samples: int = 4
+    hessian_engine: str = "shared"
     ema_checkpoint: bool = True
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -107,6 +111,13 @@ class ReportSettings:
                 raise FlatLoraError(f"{name} must be a finite number > 0, got {value!r}")
         if not _whole(self.pac_bayes_samples, 2):
             raise FlatLoraError(f"pac_bayes_samples must be a whole number >= 2, got {self.pac_bayes_samples!r}")
+        if self.hessian_engine not in ("shared", "reference"):
+            raise FlatLoraError(f"unknown --hessian-engine {self.hessian_engine!r}: use shared or reference")
+        if self.hessian_engine == "shared" and self.layers and not self.trace_samples:
+            raise FlatLoraError(
+                "--layers with the shared Hessian engine reads per-layer traces off the trace's products: "
+                "set --trace-samples >= 6, or --hessian-engine reference"
+            )
         if not (isinstance(self.eig_tol, (int, float)) and 0 < self.eig_tol < 1):
             raise FlatLoraError(f"eig_tol must lie in (0, 1), got {self.eig_tol!r}")
 

@@ -1,0 +1,202 @@
+"""Every Hessian measure of a report in one call, by the shared engine or the reference one.
+
+``engine="shared"`` (default): one Hessian operator, block products and shared estimators
+(:mod:`flatlora_analysis.hessian.shared`). ``engine="reference"``: the four measures one
+after another as :func:`top_eigenvalues`, :func:`hessian_trace`, :func:`spectral_density`
+and :func:`layer_curvature` compute them (one product at a time, one run per layer), kept
+for tests and the benchmark. Either way the parts are the same result types with the same
+settings, so a reader cannot tell them apart except by ``meta["engine"]`` and ``shares``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from flatlora.errors import FlatLoraError
+from flatlora_analysis.guard import measuring
+from flatlora_analysis.hessian.density import broadened_density
+from flatlora_analysis.hessian.measures import (
+    DensityResult,
+    EigenResult,
+    LayerCurvatureResult,
+    Progress,
+    TraceResult,
+    _versions,
+    hessian_trace,
+    layer_curvature,
+    spectral_density,
+    top_eigenvalues,
+)
+from flatlora_analysis.hessian.operator import HessianOperator
+from flatlora_analysis.hessian.shared import shared_curvature
+from flatlora_analysis.objective import ModelObjective
+from flatlora_analysis.probe import ProbeSet
+from flatlora_analysis.results import Result
+from flatlora_analysis.spaces import build_space
+
+ENGINES = ("shared", "reference")
+PARTS = ("top_eigenvalues", "trace", "density", "layers")
+
+
+@dataclass(frozen=True)
+class CurvatureResult(Result):
+    """The parts (each a result's ``to_dict``, or None where not asked), which share what, products in all."""
+
+    top_eigenvalues: dict[str, Any] | None
+    trace: dict[str, Any] | None
+    density: dict[str, Any] | None
+    layers: dict[str, Any] | None
+    shares: dict[str, str]
+    hvps: int
+    settings: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def parts(self) -> dict[str, Result]:
+        """The asked parts as result objects (``EigenResult``, ``TraceResult``, ...)."""
+        return {name: Result.from_dict(getattr(self, name)) for name in PARTS if getattr(self, name) is not None}
+
+
+def curvature(
+    model: nn.Module,
+    probe: ProbeSet,
+    space: str = "lora",
+    *,
+    k: int = 3,
+    tol: float = 1e-3,
+    trace_samples: int = 30,
+    density_steps: int = 0,
+    density_runs: int = 1,
+    layers: bool = False,
+    layer_trace_samples: int = 12,
+    engine: str = "shared",
+    block_size: int = 16,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: Progress | None = None,
+) -> CurvatureResult:
+    """Top-k eigenvalues, and as asked tr(H), the SLQ density and per-layer curvature, in ``space``.
+
+    Args:
+        model, probe, space, device, progress: as :func:`top_eigenvalues`.
+        k, tol: the top eigenvalues (Lanczos) and their relative accuracy; ``tol`` is the
+            per-layer runs' too.
+        trace_samples: Hutch++ products of tr(H) (0: skip). The shared engine spends a third
+            of them, as residual probes on the Lanczos basis (its sketch is free).
+        density_steps, density_runs: SLQ (0 steps: skip).
+        layers, layer_trace_samples: per-layer top eigenvalue and trace; the reference engine
+            spends ``layer_trace_samples`` Hutch++ products per layer, the shared one reads the
+            traces off the trace's products (``trace_samples`` must then be > 0).
+        engine: ``shared`` (block products, shared estimators) or ``reference``.
+        block_size: columns per batched double backward (shared engine; memory grows with it).
+        seed: of every random draw.
+
+    Returns:
+        :class:`CurvatureResult`; ``parts()`` gives the ``EigenResult``, ``TraceResult``,
+        ``DensityResult`` and ``LayerCurvatureResult``.
+
+    Raises:
+        FlatLoraError: an unknown engine; per-layer traces asked of the shared engine without
+            trace products.
+    """
+    if engine not in ENGINES:
+        raise FlatLoraError(f"unknown Hessian engine {engine!r}: use one of {', '.join(ENGINES)}")
+    if engine == "shared" and layers and not trace_samples:
+        raise FlatLoraError("the shared engine reads per-layer traces off the trace's products: set trace_samples >= 6")
+    settings = {
+        "space": space, "k": k, "tol": tol, "trace_samples": trace_samples, "density_steps": density_steps,
+        "density_runs": density_runs, "layers": layers, "layer_trace_samples": layer_trace_samples,
+        "engine": engine, "seed": seed, "n_examples": probe.n_examples, **probe.weighting_settings(),
+    }  # fmt: skip
+    if engine == "reference":
+        parts = _reference(model, probe, space, settings, device, progress)
+        shares: dict[str, str] = {}
+        meta = {"engine": engine}
+    else:
+        parts, shares, meta = _shared(model, probe, space, settings, block_size, device, progress)
+    hvps = sum(p.hvps for p in parts.values())
+    dicts = {name: parts[name].to_dict() if name in parts else None for name in PARTS}
+    return CurvatureResult(**dicts, shares=shares, hvps=hvps, settings=settings, meta={**meta, "versions": _versions()})
+
+
+def _reference(model, probe, space, s, device, progress) -> dict[str, Result]:
+    common = {"space": space, "seed": s["seed"], "device": device, "progress": progress}
+    parts: dict[str, Result] = {"top_eigenvalues": top_eigenvalues(model, probe, s["k"], tol=s["tol"], **common)}
+    if s["trace_samples"]:
+        parts["trace"] = hessian_trace(model, probe, samples=s["trace_samples"], batched=False, **common)
+    if s["density_steps"]:
+        parts["density"] = spectral_density(
+            model, probe, steps=s["density_steps"], runs=s["density_runs"], batched=False, **common
+        )
+    if s["layers"]:
+        parts["layers"] = layer_curvature(model, probe, tol=s["tol"], trace_samples=s["layer_trace_samples"], **common)
+    return parts
+
+
+def _layer_indices(space) -> tuple[list[str], list[torch.Tensor]]:
+    offsets = np.cumsum([0, *space.sizes])
+    names = space.groups
+    index = {name: [] for name in names}
+    for entry, lo, hi in zip(space.entries, offsets[:-1], offsets[1:]):
+        index[entry.group].append(torch.arange(int(lo), int(hi)))
+    return names, [torch.cat(index[name]).to(space.device) for name in names]
+
+
+def _shared(model, probe, space, s, block_size, device, progress):
+    with measuring(model, device) as dev:
+        # a CPU batches double backwards poorly (about 7% a column) while a layer's pruned product
+        # costs a fraction of a full one; an accelerator runs the block's columns side by side
+        layer_products = "block" if torch.device(dev).type == "cuda" else "pruned"
+        sp = build_space(model, space)
+        names, indices = _layer_indices(sp) if s["layers"] else ([], None)
+        with HessianOperator(ModelObjective(model, probe, sp, dev), "auto", block_size=block_size) as op:
+            op.progress = progress
+            op.budget = 100 + s["trace_samples"] // 3 + (s["density_runs"] - 1) * s["density_steps"] + 30 * len(names)
+            found = shared_curvature(
+                op, s["k"], tol=s["tol"], trace_samples=s["trace_samples"], density_steps=s["density_steps"],
+                density_runs=s["density_runs"], layers=indices, layer_tol=s["tol"], seed=s["seed"],
+                layer_names=names if layer_products == "pruned" else None,
+            )  # fmt: skip
+            op_meta = {key: v for key, v in op.meta.items() if key != "dim"}
+            calls = op.n_calls
+    common = {"space": space, "seed": s["seed"], "n_examples": s["n_examples"], **probe.weighting_settings()}
+    meta = {**op_meta, "engine": "shared", "block_products": calls, "versions": _versions()}
+    if s["layers"]:
+        meta["layer_products"] = layer_products
+    eig = found.eigen
+    parts: dict[str, Result] = {
+        "top_eigenvalues": EigenResult(
+            eig.eigenvalues, eig.products, eig.converged, eig.errors,
+            {"k": s["k"], **common, "tol": s["tol"], "which": "algebraic", "solver": "lanczos", "backend": "flatlora",
+             "max_iter": None},
+            {**meta, **eig.meta, "iterations": eig.iterations},
+        )
+    }  # fmt: skip
+    if found.trace is not None:
+        t = found.trace
+        parts["trace"] = TraceResult(
+            t.trace, t.stderr, t.products, t.converged,
+            {**common, "method": "hutch++", "samples": s["trace_samples"], "tol": None, "backend": "flatlora"},
+            {**meta, **t.meta},
+        )  # fmt: skip
+    if found.nodes is not None:
+        grid, density, sigma = broadened_density(found.nodes, found.weights)
+        parts["density"] = DensityResult(
+            found.nodes, found.weights, grid, density, sigma, found.products["density"],
+            {**common, "steps": s["density_steps"], "runs": s["density_runs"], "sigma": None, "points": 512,
+             "backend": "flatlora"},
+            {**meta, "steps": s["density_steps"], "runs": s["density_runs"], "run_1": "top_eigenvalues' Lanczos run"},
+        )  # fmt: skip
+    if found.layer_eigenvalues is not None:
+        parts["layers"] = LayerCurvatureResult(
+            names, found.layer_eigenvalues, found.layer_traces, found.layer_stderr,
+            found.products["layers"],
+            {**common, "tol": s["tol"], "trace_samples": s["layer_trace_samples"], "trace_method": "shared",
+             "max_iter": None},
+            {**meta, "trace_samples_used": found.products.get("trace")},
+        )  # fmt: skip
+    return parts, found.shares, meta

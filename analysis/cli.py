@@ -190,6 +190,7 @@ def _report(args: argparse.Namespace) -> int:
             device=args.device,
             progress=bars,
             targets_progress=lambda items: bars.iterate(items, "adapters"),
+            data_parallel=args.data_parallel,
         )
         if shard is not None:
             print(
@@ -406,6 +407,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     report.add_argument("--seed", type=int, default=None, help="seed of every random draw (default 0)")
     report.add_argument("--shard", help="i/n: measure every n-th adapter, starting at the i-th")
+    report.add_argument(
+        "--data-parallel",
+        action="store_true",
+        help="under torchrun: split each Hessian product's probe set over the ranks (default: split the adapters)",
+    )
     report.add_argument("--merge", action="store_true", help="join the shards in --out into the report")
     report.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     report.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")

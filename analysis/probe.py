@@ -82,12 +82,16 @@ class ProbeSet:
         description: where the batches came from (run, split, n, batch size), for reports.
         weighting: ``"examples"`` (each batch by its rows) or ``"tokens"`` (causal LMs: by its
             scored target tokens; ``loss_fn`` must then return the batch's token-mean loss).
+        totals: (examples, scored tokens) of the whole probe set when this one is a rank's
+            shard (:meth:`shard`): the denominators of the weights, so the ranks' losses sum to
+            the whole set's; None for a whole set.
     """
 
     batches: tuple[Batch, ...]
     loss_fn: LossFn | None = None
     description: dict[str, Any] = field(default_factory=dict)
     weighting: str = "examples"
+    totals: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if not self.batches:
@@ -282,11 +286,14 @@ class ProbeSet:
 
     @property
     def n_examples(self) -> int:
-        return sum(self.batch_sizes)
+        """Examples of the probe set (of the whole set, for a shard)."""
+        return self.totals[0] if self.totals is not None else sum(self.batch_sizes)
 
     @property
     def n_tokens(self) -> int:
-        """Scored target tokens over the probe set (causal-LM batches; 0 where labels are not 2-D)."""
+        """Scored target tokens over the probe set (causal-LM batches; 0 where labels are not 2-D; whole set)."""
+        if self.totals is not None:
+            return self.totals[1]
         return sum(
             scored_tokens(b) for b in self.batches if torch.is_tensor(b.get("labels")) and b["labels"].dim() == 2
         )
@@ -304,7 +311,37 @@ class ProbeSet:
     def to(self, device: str | torch.device) -> ProbeSet:
         """The same probe set with every tensor on ``device``."""
         moved = tuple({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in self.batches)
-        return ProbeSet(moved, self.loss_fn, self.description, self.weighting)
+        return ProbeSet(moved, self.loss_fn, self.description, self.weighting, self.totals)
+
+    def shard(self, rank: int, world: int) -> ProbeSet:
+        """Rank ``rank``'s share of every batch (contiguous rows), weighted as in the whole set.
+
+        The sum over ranks of their shards' losses (and so of their gradients and Hessian
+        products) is the whole set's loss: data-parallel products all-reduce to it.
+
+        Raises:
+            FlatLoraError: fewer examples than ranks.
+        """
+        if self.n_examples < world:
+            raise FlatLoraError(
+                f"a probe set of {self.n_examples} examples cannot be split over {world} ranks: "
+                "use more examples (--examples) or fewer processes"
+            )
+        mine = []
+        for batch in self.batches:
+            n = batch_size_of(batch)
+            rows = torch.arange(n).tensor_split(world)[rank]
+            if len(rows) == 0:
+                continue
+            lo, hi = int(rows[0]), int(rows[-1]) + 1
+            mine.append({k: v[lo:hi] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v
+                         for k, v in batch.items()})  # fmt: skip
+        if not mine:  # more ranks than rows of every batch: an empty share still joins every all-reduce
+            raise FlatLoraError(
+                f"rank {rank} of {world} gets no probe row: use batches of at least {world} examples"
+            )
+        desc = {**self.description, "shard": [rank, world]}
+        return ProbeSet(tuple(mine), self.loss_fn, desc, self.weighting, (self.n_examples, self.n_tokens))
 
     def weighted_loss(self, outputs: Any, batch: Batch) -> torch.Tensor:
         """This batch's share of the probe-set mean loss: mean_b * n_b / N (or sum of per-example / N)."""

@@ -24,7 +24,7 @@ from flatlora.errors import FlatLoraError
 from flatlora_analysis.results import jsonable
 
 # Parameters that say what is measured or where it runs, not how: never part of a result's key.
-NOT_SETTINGS = ("model", "probe", "device", "progress")
+NOT_SETTINGS = ("model", "probe", "device", "progress", "data_parallel")
 
 
 @dataclass(frozen=True)

@@ -188,3 +188,33 @@ def test_engine_and_layer_settings_are_refused_in_one_line():
         curvature(model, probe, engine="fast")
     with pytest.raises(FlatLoraError, match="trace_samples"):
         curvature(model, probe, layers=True, trace_samples=0)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_data_parallel_products_on_two_gloo_ranks_equal_one_process(tmp_path):
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("hessian_dp_worker.py")
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    for cmd in ([sys.executable, str(worker), str(tmp_path / "one.json")],
+                [torchrun, "--standalone", "--nproc_per_node=2", str(worker), str(tmp_path / "two.json")]):  # fmt: skip
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+
+    def close(a, b) -> bool:
+        a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+        return a.shape == b.shape and np.max(np.abs(a - b)) <= 1e-6 * np.max(np.abs(a))
+
+    assert close(one["hv"], two["hv"])
+    c1, c2 = one["curvature"], two["curvature"]
+    assert c2["meta"]["data_parallel"] == {"ranks": 2} and c2["settings"]["n_examples"] == 10
+    for part, key in [("top_eigenvalues", "eigenvalues"), ("trace", "trace"), ("trace", "stderr"),
+                      ("density", "nodes"), ("layers", "eigenvalues"), ("layers", "traces")]:  # fmt: skip
+        assert close(c1[part][key], c2[part][key]), (part, key)

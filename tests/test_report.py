@@ -45,6 +45,26 @@ def runs(tmp_path_factory, csv_file, tiny_model_dir):
     return train_tiny_runs(tmp_path_factory.mktemp("runs"), csv_file, tiny_model_dir)
 
 
+def assert_close_but_meta(a, b, rel: float, where: str = "") -> None:
+    """Equal structures, numbers within ``rel`` of the largest magnitude beside them; "meta" left out."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            if key != "meta":
+                assert_close_but_meta(a[key], b[key], rel, f"{where}.{key}")
+    elif isinstance(a, list) and a and all(isinstance(x, (int, float)) for x in a):
+        scale = max(abs(float(x)) for x in a)
+        assert len(a) == len(b) and all(abs(x - y) <= rel * scale for x, y in zip(a, b)), where
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_close_but_meta(x, y, rel, f"{where}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert abs(a - b) <= rel * max(abs(a), abs(b), 1e-12), (where, a, b)
+    else:
+        assert a == b, (where, a, b)
+
+
 def entries_without_timing(report_json: Path) -> list[dict]:
     report = json.loads(report_json.read_text())
     return [{k: v for k, v in e.items() if k != "timing"} for e in report["entries"]]
@@ -239,13 +259,19 @@ def test_a_two_rank_torchrun_report_equals_the_one_process_report(runs, tmp_path
     torchrun, flatlora = shutil.which("torchrun", path=str(bindir)), shutil.which("flatlora", path=str(bindir))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     outs = {}
-    for name, prefix in (("one", []), ("two", [torchrun, "--standalone", "--nproc_per_node=2", "--no-python"])):
+    two = [torchrun, "--standalone", "--nproc_per_node=2", "--no-python"]
+    for name, prefix, extra in (("one", [], []), ("two", two, []), ("products", two, ["--data-parallel"])):
         out = tmp_path / name
-        cmd = [*prefix, flatlora, "report", str(runs), "--out", str(out), *QUICK]
+        cmd = [*prefix, flatlora, "report", str(runs), "--out", str(out), *QUICK, *extra]
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         outs[name] = out
-    assert entries_without_timing(outs["two"] / "report.json") == entries_without_timing(outs["one"] / "report.json")
+    one = entries_without_timing(outs["one"] / "report.json")
+    assert entries_without_timing(outs["two"] / "report.json") == one
+    # the adapters on both ranks, each Hessian product split over them: the same numbers to round-off
+    products = entries_without_timing(outs["products"] / "report.json")
+    assert_close_but_meta(products, one, rel=1e-5)
+    assert all(e["hessian"]["engine"]["name"] == "shared" for e in products)
     # a refusal on the ranks: the same one line from each, exit 2, nothing written
     bad = tmp_path / "bad"
     cmd = [

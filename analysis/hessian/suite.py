@@ -78,6 +78,7 @@ def curvature(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: Progress | None = None,
+    data_parallel: bool = False,
 ) -> CurvatureResult:
     """Top-k eigenvalues, and as asked tr(H), the SLQ density and per-layer curvature, in ``space``.
 
@@ -94,6 +95,11 @@ def curvature(
         engine: ``shared`` (block products, shared estimators) or ``reference``.
         block_size: columns per batched double backward (shared engine; memory grows with it).
         seed: of every random draw.
+        data_parallel: under ``torch.distributed`` (torchrun) with several ranks, each rank
+            takes its share of the probe set (:meth:`ProbeSet.shard`) and every product is
+            all-reduced, so all ranks hold the same vectors and return the same result, that of
+            one process to round-off (shared engine; every rank must call with the same
+            arguments). Without a process group it changes nothing.
 
     Returns:
         :class:`CurvatureResult`; ``parts()`` gives the ``EigenResult``, ``TraceResult``,
@@ -105,6 +111,9 @@ def curvature(
     """
     if engine not in ENGINES:
         raise FlatLoraError(f"unknown Hessian engine {engine!r}: use one of {', '.join(ENGINES)}")
+    rank, world = _rank_world() if data_parallel else (0, 1)
+    if world > 1 and engine != "shared":
+        raise FlatLoraError("data-parallel products run on the shared Hessian engine: drop --hessian-engine reference")
     if engine == "shared" and layers and not trace_samples:
         raise FlatLoraError("the shared engine reads per-layer traces off the trace's products: set trace_samples >= 6")
     settings = {
@@ -117,7 +126,14 @@ def curvature(
         shares: dict[str, str] = {}
         meta = {"engine": engine}
     else:
-        parts, shares, meta = _shared(model, probe, space, settings, block_size, device, progress)
+        reduce = None
+        if world > 1:
+            import torch.distributed as dist
+
+            probe, reduce = probe.shard(rank, world), dist.all_reduce
+        parts, shares, meta = _shared(model, probe, space, settings, block_size, device, progress, reduce)
+        if world > 1:
+            meta["data_parallel"] = {"ranks": world}
     hvps = sum(p.hvps for p in parts.values())
     dicts = {name: parts[name].to_dict() if name in parts else None for name in PARTS}
     return CurvatureResult(**dicts, shares=shares, hvps=hvps, settings=settings, meta={**meta, "versions": _versions()})
@@ -146,14 +162,23 @@ def _layer_indices(space) -> tuple[list[str], list[torch.Tensor]]:
     return names, [torch.cat(index[name]).to(space.device) for name in names]
 
 
-def _shared(model, probe, space, s, block_size, device, progress):
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _shared(model, probe, space, s, block_size, device, progress, reduce=None):
     with measuring(model, device) as dev:
         # a CPU batches double backwards poorly (about 7% a column) while a layer's pruned product
         # costs a fraction of a full one; an accelerator runs the block's columns side by side
         layer_products = "block" if torch.device(dev).type == "cuda" else "pruned"
         sp = build_space(model, space)
         names, indices = _layer_indices(sp) if s["layers"] else ([], None)
-        with HessianOperator(ModelObjective(model, probe, sp, dev), "auto", block_size=block_size) as op:
+        objective = ModelObjective(model, probe, sp, dev)
+        with HessianOperator(objective, "auto", block_size=block_size, reduce=reduce) as op:
             op.progress = progress
             op.budget = 100 + s["trace_samples"] // 3 + (s["density_runs"] - 1) * s["density_steps"] + 30 * len(names)
             found = shared_curvature(

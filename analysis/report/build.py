@@ -97,6 +97,7 @@ def build_report(
     device=None,
     progress: ProgressFactory | None = None,
     targets_progress=None,
+    data_parallel: bool = False,
 ) -> dict[str, Any]:
     """Measure the adapters in ``paths`` and write the report (or this shard's part) into ``out``.
 
@@ -109,6 +110,10 @@ def build_report(
         shard: (i, n) to measure every n-th target only; join with :func:`merge_shards`.
         progress: factory of ``(done, total)`` callbacks per measure, by label.
         targets_progress: wraps the list of targets (tqdm).
+        data_parallel: under torchrun, every rank measures every adapter and the Hessian
+            products are split over the ranks' shares of the probe set and all-reduced (one
+            large probe or model on several processes); False (default) gives each rank its
+            share of the adapters instead.
 
     Returns:
         The report dict (or the shard's).
@@ -116,10 +121,16 @@ def build_report(
     Raises:
         FlatLoraError: bad paths, adapters, base model, data or settings; nothing is written then.
     """
+    if data_parallel and shard is not None:
+        raise FlatLoraError("--data-parallel splits products, --shard adapters: use one of them")
+    if data_parallel and settings.hessian_engine != "shared":
+        raise FlatLoraError("--data-parallel runs on the shared Hessian engine: drop --hessian-engine reference")
     targets = resolve_targets(paths)
     data = ProbeData.of(data)
     rank, world = _world()
-    gather = shard is None and world > 1  # under torchrun: every rank takes its share, rank 0 writes
+    # under torchrun: every rank takes its share of the adapters, rank 0 writes (or, data-parallel,
+    # every rank takes every adapter and a share of each product)
+    gather = shard is None and world > 1 and not data_parallel
     mine = _shard_of(targets, (rank + 1, world) if gather else shard)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -139,7 +150,10 @@ def build_report(
     entries = []
     for target in targets_progress(mine) if targets_progress is not None else mine:
         entries.append(
-            measure_target(target, settings, cache, base_model=base_model, data=data, device=device, progress=progress)
+            measure_target(
+                target, settings, cache, base_model=base_model, data=data, device=device, progress=progress,
+                data_parallel=data_parallel and world > 1,
+            )  # fmt: skip
         )
     if gather:
         parts: list[list | None] = [None] * world

@@ -150,8 +150,14 @@ def measure_target(
     data: str | ProbeData | None = None,
     device=None,
     progress: ProgressFactory | None = None,
+    data_parallel: bool = False,
 ) -> dict[str, Any]:
-    """The report entry of one adapter: identity, task, run metrics, and every measure of ``settings``."""
+    """The report entry of one adapter: identity, task, run metrics, and every measure of ``settings``.
+
+    ``data_parallel`` (every rank of a process group calls this with the same arguments): rank
+    0 decides whether each result is stored, every rank computes what is not (the Hessian
+    measures with data-parallel products, the rest alike on each), and rank 0 alone writes.
+    """
     from flatlora_analysis import balance, ema_error
     from flatlora_analysis.probe_data import target_task
 
@@ -179,7 +185,11 @@ def measure_target(
     run_store = [ResultStore(run.path / "analysis")] if run is not None else []
 
     def stored(label: str, name: str, complete: dict[str, Any], compute: Callable[[], Any], stores=None) -> Any:
-        value, _, seconds = cached(stores or [cache, *run_store], identity, fingerprint, name, complete, compute)
+        stores = stores or [cache, *run_store]
+        if data_parallel:
+            value, seconds = _agreed(stores, identity, fingerprint, name, complete, compute)
+        else:
+            value, _, seconds = cached(stores, identity, fingerprint, name, complete, compute)
         entry["timing"][label] = seconds
         return [v.to_dict() for v in value] if isinstance(value, list) else value.to_dict()
 
@@ -192,7 +202,8 @@ def measure_target(
         bar = f"{target.name}: {PROGRESS_LABELS.get(label.split('.')[-1], short)}"
 
         def compute(m=m, complete=complete, bar=bar):  # a progress bar only for what is computed
-            return m.compute(lazy.model, lazy.probe, complete, device=device, progress=progress and progress(bar))
+            bars = progress and progress(bar)
+            return m.compute(lazy.model, lazy.probe, complete, device=device, progress=bars, data_parallel=data_parallel)
 
         # a run's 1-D landscape is stored with the run, where the dashboard and flatlora landscape find it
         stores = [*run_store, cache] if name == "landscape_1d" else None
@@ -240,3 +251,20 @@ def measure_target(
                     lambda: ema_error.ema_error_at_checkpoint(run, lazy.probe, checkpoint=checkpoint, device=device),
                 )
     return entry
+
+
+def _agreed(stores, identity, fingerprint, name, complete, compute):
+    """``cached`` over a process group: rank 0's lookup decides for all, rank 0 alone writes."""
+    import torch.distributed as dist
+
+    from flatlora_analysis.store import result_key
+
+    rank = dist.get_rank()
+    key = result_key(identity, fingerprint, name, complete)
+    found = [any(s.get_record(key) is not None for s in stores) if rank == 0 else None]
+    dist.broadcast_object_list(found, src=0)
+    if found[0] or rank == 0:  # stored (every rank reads it), or rank 0 computes and writes
+        value, _, seconds = cached(stores, identity, fingerprint, name, complete, compute, write=rank == 0)
+        return value, seconds
+    value = compute()  # not stored: computed here too, never looked up (rank 0 may have written it meanwhile)
+    return value, 0.0

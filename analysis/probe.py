@@ -337,9 +337,7 @@ class ProbeSet:
             mine.append({k: v[lo:hi] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v
                          for k, v in batch.items()})  # fmt: skip
         if not mine:  # more ranks than rows of every batch: an empty share still joins every all-reduce
-            raise FlatLoraError(
-                f"rank {rank} of {world} gets no probe row: use batches of at least {world} examples"
-            )
+            raise FlatLoraError(f"rank {rank} of {world} gets no probe row: use batches of at least {world} examples")
         desc = {**self.description, "shard": [rank, world]}
         return ProbeSet(tuple(mine), self.loss_fn, desc, self.weighting, (self.n_examples, self.n_tokens))
 

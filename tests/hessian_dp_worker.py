@@ -1,7 +1,7 @@
 """Data-parallel Hessian products: run alone or under torchrun (gloo, CPU); rank 0 writes the results.
 
-    python hessian_dp_worker.py OUT.json            # one process
-    torchrun --nproc_per_node=2 hessian_dp_worker.py OUT.json
+python hessian_dp_worker.py OUT.json            # one process
+torchrun --nproc_per_node=2 hessian_dp_worker.py OUT.json
 """
 
 from __future__ import annotations

@@ -151,9 +151,15 @@ def build_report(
     for target in targets_progress(mine) if targets_progress is not None else mine:
         entries.append(
             measure_target(
-                target, settings, cache, base_model=base_model, data=data, device=device, progress=progress,
+                target,
+                settings,
+                cache,
+                base_model=base_model,
+                data=data,
+                device=device,
+                progress=progress,
                 data_parallel=data_parallel and world > 1,
-            )  # fmt: skip
+            )
         )
     if gather:
         parts: list[list | None] = [None] * world

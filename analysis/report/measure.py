@@ -203,7 +203,8 @@ def measure_target(
 
         def compute(m=m, complete=complete, bar=bar):  # a progress bar only for what is computed
             bars = progress and progress(bar)
-            return m.compute(lazy.model, lazy.probe, complete, device=device, progress=bars, data_parallel=data_parallel)
+            where = {"device": device, "progress": bars, "data_parallel": data_parallel}
+            return m.compute(lazy.model, lazy.probe, complete, **where)
 
         # a run's 1-D landscape is stored with the run, where the dashboard and flatlora landscape find it
         stores = [*run_store, cache] if name == "landscape_1d" else None

@@ -32,7 +32,7 @@ from flatlora_analysis.hessian import hessian_operator
 from flatlora_analysis.hessian.pyhessian_backend import _session
 
 
-def build(quick: bool):
+def build(quick: bool, n_length: tuple[int, int] | None = None):
     from flatlora.data import load_tweets
     from flatlora.models import load_classifier
 
@@ -45,7 +45,7 @@ def build(quick: bool):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     model.eval()
     tweets = load_tweets()
-    n, length = (8, 32) if quick else (32, 64)
+    n, length = n_length or ((8, 32) if quick else (32, 64))
     examples = [tweets[i] for i in range(n)]
     enc = tokenizer(
         [e.text for e in examples], padding="max_length", truncation=True, max_length=length, return_tensors="pt"

@@ -291,3 +291,22 @@ def test_a_two_rank_torchrun_report_equals_the_one_process_report(runs, tmp_path
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode != 0 and result.stderr.count("flatlora: error:") == 2
     assert not bad.exists()
+
+
+def test_report_progress_is_plain_lines_when_stderr_is_not_a_terminal(runs, tmp_path, capsys):
+    out = tmp_path / "out"
+    quick = [a for a in QUICK if a != "--no-progress"]
+    assert cli.main(["report", str(runs), "--out", str(out), *quick]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err  # no redrawn bars in a log file
+    lines = err.splitlines()
+    n = len(json.loads((out / "report.json").read_text())["entries"])
+    assert [line.split(": ")[1] for line in lines if line.startswith("adapters: ")] == [
+        f"{i}/{n}" for i in range(1, n + 1)
+    ]
+    hessian = [line for line in lines if ": Hessian (shared): " in line]
+    assert hessian and all(line.rsplit(": ", 1)[1].count("/") == 1 for line in hessian)
+    # which results share products, in report.json: the quick preset's trace sketch is the top-1 run's basis
+    entry = json.loads((out / "report.json").read_text())["entries"][0]
+    assert set(entry["hessian"]["shares"]) == {"trace"} and entry["hessian"]["engine"]["name"] == "shared"
+    assert entry["hessian"]["trace"]["meta"]["sketch"] == "lanczos basis"

@@ -301,9 +301,8 @@ def test_report_progress_is_plain_lines_when_stderr_is_not_a_terminal(runs, tmp_
     assert "\r" not in err  # no redrawn bars in a log file
     lines = err.splitlines()
     n = len(json.loads((out / "report.json").read_text())["entries"])
-    assert [line.split(": ")[1] for line in lines if line.startswith("adapters: ")] == [
-        f"{i}/{n}" for i in range(1, n + 1)
-    ]
+    counted = [line.split(": ")[1] for line in lines if line.startswith("adapters: ")]
+    assert counted == [f"{i}/{n}" for i in range(1, n + 1)]
     hessian = [line for line in lines if ": Hessian (shared): " in line]
     assert hessian and all(line.rsplit(": ", 1)[1].count("/") == 1 for line in hessian)
     # which results share products, in report.json: the quick preset's trace sketch is the top-1 run's basis

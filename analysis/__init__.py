@@ -16,10 +16,12 @@ from flatlora_analysis.flatness import (
 )
 from flatlora_analysis.guard import measuring
 from flatlora_analysis.hessian import (
+    CurvatureResult,
     DensityResult,
     EigenResult,
     LayerCurvatureResult,
     TraceResult,
+    curvature,
     hessian_operator,
     hessian_trace,
     layer_curvature,
@@ -51,6 +53,7 @@ __all__ = [
     "adaptive_sharpness",
     "balance_trajectory",
     "balancedness",
+    "curvature",
     "ema_error_at_checkpoint",
     "ema_error_series",
     "ema_norm_ratio",
@@ -74,6 +77,7 @@ __all__ = [
     "BalanceResult",
     "BalanceTrajectory",
     "CorrelationResult",
+    "CurvatureResult",
     "DensityResult",
     "EigenResult",
     "EmaErrorResult",

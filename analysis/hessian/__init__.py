@@ -27,9 +27,13 @@ from flatlora_analysis.hessian.operators import (
     ShiftedOperator,
     random_vectors,
 )
+from flatlora_analysis.hessian.shared import SharedCurvature, shared_curvature
+from flatlora_analysis.hessian.suite import ENGINES, CurvatureResult, curvature
 from flatlora_analysis.hessian.trace import hutchinson, hutchpp
 
 __all__ = [
+    "ENGINES",
+    "CurvatureResult",
     "DeflatedOperator",
     "DenseOperator",
     "DensityResult",
@@ -38,9 +42,11 @@ __all__ = [
     "HessianOperator",
     "LayerCurvatureResult",
     "Operator",
+    "SharedCurvature",
     "ShiftedOperator",
     "TraceResult",
     "broadened_density",
+    "curvature",
     "eigsh_eigenvalues",
     "hessian_operator",
     "hessian_trace",
@@ -51,6 +57,7 @@ __all__ = [
     "layer_curvature",
     "power_eigenvalues",
     "random_vectors",
+    "shared_curvature",
     "slq",
     "spectral_density",
     "top_eigenvalues",

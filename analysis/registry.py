@@ -23,8 +23,9 @@ from typing import Any
 from flatlora.errors import FlatLoraError
 from flatlora_analysis.results import jsonable
 
-# Parameters that say what is measured or where it runs, not how: never part of a result's key.
-NOT_SETTINGS = ("model", "probe", "device", "progress", "data_parallel")
+# Parameters that say what is measured on, where it runs or how products are batched (results equal to
+# round-off): never part of a result's key.
+NOT_SETTINGS = ("model", "probe", "device", "progress", "data_parallel", "block_size")
 
 
 @dataclass(frozen=True)

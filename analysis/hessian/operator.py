@@ -198,8 +198,17 @@ class HessianOperator:
         return leaves, [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
 
     def _autograd(self, v: torch.Tensor) -> torch.Tensor:
-        parts = self.space.split(v)
-        total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        return self._double_backward(self.space.split(v), None)
+
+    def _autograd_block(self, V: torch.Tensor) -> torch.Tensor:
+        k = V.shape[1]
+        rows = V.T.contiguous()  # (k, dim): the batch dimension leads, as is_grads_batched wants
+        parts = [p.view(k, *e.value.shape) for p, e in zip(rows.split(self.space.sizes, dim=1), self.space.entries)]
+        return self._double_backward(parts, k).T
+
+    def _double_backward(self, parts: list[torch.Tensor], k: int | None) -> torch.Tensor:
+        """Sum over the probe's batch graphs of d(g . v)/dw, flat: (dim,), or (k, dim) for a batch of k."""
+        total = torch.zeros(self.dim if k is None else (k, self.dim), dtype=self.dtype, device=self.device)
         for leaves, grads in self._graphs_now():
             used = [(g, p) for g, p in zip(grads, parts) if g.requires_grad]
             if not used:
@@ -210,8 +219,12 @@ class HessianOperator:
                 grad_outputs=[p for _, p in used],
                 retain_graph=self.retain_graph,
                 allow_unused=True,
+                is_grads_batched=k is not None,
             )
-            total += self.space.flatten([torch.zeros_like(leaf) if h is None else h for h, leaf in zip(hv, leaves)])
+            shape = (-1,) if k is None else (k, -1)
+            flat = [(torch.zeros(p.shape, dtype=self.dtype, device=self.device) if h is None else h).reshape(shape)
+                    for h, p in zip(hv, parts)]  # fmt: skip
+            total += torch.cat([f.to(self.dtype) for f in flat], dim=-1)
         return total
 
     def _graphs_now(self):
@@ -220,30 +233,6 @@ class HessianOperator:
                 self._graphs = [self._graph(b) for b in self.objective.probe.batches]
             return self._graphs
         return (self._graph(b) for b in self.objective.probe.batches)
-
-    def _autograd_block(self, V: torch.Tensor) -> torch.Tensor:
-        k = V.shape[1]
-        rows = V.T.contiguous()  # (k, dim): the batch dimension leads, as is_grads_batched wants
-        parts = [p.view(k, *e.value.shape) for p, e in zip(rows.split(self.space.sizes, dim=1), self.space.entries)]
-        total = torch.zeros((k, self.dim), dtype=self.dtype, device=self.device)
-        for leaves, grads in self._graphs_now():
-            used = [(g, p) for g, p in zip(grads, parts) if g.requires_grad]
-            if not used:
-                continue
-            hv = torch.autograd.grad(
-                [g for g, _ in used],
-                leaves,
-                grad_outputs=[p for _, p in used],
-                retain_graph=self.retain_graph,
-                allow_unused=True,
-                is_grads_batched=True,
-            )
-            flat = [
-                torch.zeros((k, leaf.numel()), dtype=self.dtype, device=self.device) if h is None else h.reshape(k, -1)
-                for h, leaf in zip(hv, leaves)
-            ]
-            total += torch.cat([f.to(self.dtype) for f in flat], 1)
-        return total.T
 
     def _finite_difference(self, v: torch.Tensor) -> torch.Tensor:
         norm = v.norm()

@@ -239,6 +239,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(runs, tmp_path, tiny_mo
         ([str(runs / "lora-seed1"), "--rho", "-0.1"], "rho must be"),
         ([str(runs / "lora-seed1"), "--eig-k", "100000"], "larger than"),
         ([str(runs / "lora-seed1" / "adapter")], "bare adapter"),
+        ([str(runs / "lora-seed1"), "--layers", "--trace-samples", "0"], "--trace-samples >= 6"),
+        ([str(runs / "lora-seed1"), "--data-parallel", "--shard", "1/2"], "use one of them"),
+        ([str(runs / "lora-seed1"), "--data-parallel", "--hessian-engine", "reference"], "shared Hessian engine"),
     ]
     del torch
     for extra, match in cases:

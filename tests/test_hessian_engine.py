@@ -218,3 +218,17 @@ def test_data_parallel_products_on_two_gloo_ranks_equal_one_process(tmp_path):
     for part, key in [("top_eigenvalues", "eigenvalues"), ("trace", "trace"), ("trace", "stderr"),
                       ("density", "nodes"), ("layers", "eigenvalues"), ("layers", "traces")]:  # fmt: skip
         assert close(c1[part][key], c2[part][key]), (part, key)
+
+
+def test_lanczos_rebuilds_every_product_from_its_coefficients():
+    from flatlora_analysis.hessian.lanczos import _Lanczos
+
+    A = symmetric_with_spectrum(np.linspace(-3, 4, 40), seed=10)
+    g = torch.Generator().manual_seed(0)
+    it = _Lanczos(DenseOperator(A), random_vectors(40, generator=g, unit=True), g)
+    for _ in range(12):
+        it.step()
+    Q = it.basis()
+    assert torch.max(torch.abs(it.products() - Q @ A)) < 1e-12  # row j is A q_j
+    index = torch.tensor([3, 7, 19])
+    assert torch.max(torch.abs(it.products(index) - (Q @ A)[:, index])) < 1e-12

@@ -121,8 +121,12 @@ class _Lanczos:
         else:
             self.Q[j + 1] = w / b
 
-    def products(self) -> torch.Tensor:
-        """A Q^T (dim x m, float64) rebuilt from the coefficients: column j is A q_j, to rounding."""
+    def products(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """A q_j for every basis vector, rebuilt from the coefficients (to rounding), as rows (m x dim).
+
+        ``index``: only those coordinates (m x len(index)), so a caller can go layer by layer
+        without holding m full-length products.
+        """
         m = len(self.alpha)
         rows = min(m + 1, self.dim)
         C = torch.zeros((m, rows), dtype=torch.float64, device=self.Q.device)
@@ -130,7 +134,8 @@ class _Lanczos:
             C[j, : j + 1] = coef
             if j + 1 < rows:
                 C[j, j + 1] = self.beta[j]
-        return (C @ self.Q[:rows]).T
+        Q = self.Q[:rows] if index is None else self.Q[:rows, index]
+        return C @ Q
 
     def ritz(self) -> tuple[np.ndarray, np.ndarray]:
         """Ritz values and the last components of their unit Ritz vectors in the basis."""

@@ -192,8 +192,8 @@ def shared_curvature(
         )
         products["trace"] = n_res
         if layers:
-            HQ = top.it.products()  # (dim, m): H q_j, rebuilt
-            per_exact = np.array([float((Q[:, idx] * HQ[idx].T).sum()) for idx in layers])
+            # sum_j (D_l q_j)^T (H q_j), H q_j rebuilt from the Lanczos coefficients, one layer at a time
+            per_exact = np.array([float((Q[:, idx] * top.it.products(idx)).sum()) for idx in layers])
             per_samples = np.stack([(G[idx] * HR[idx]).sum(0).cpu().numpy() for idx in layers])  # (L, n)
             means, ses = _stats(per_samples)
             layer_traces, layer_se = per_exact + means, ses

@@ -188,6 +188,8 @@ def test_engine_and_layer_settings_are_refused_in_one_line():
         curvature(model, probe, engine="fast")
     with pytest.raises(FlatLoraError, match="trace_samples"):
         curvature(model, probe, layers=True, trace_samples=0)
+    with pytest.raises(FlatLoraError, match="larger than the space"):
+        curvature(model, probe, k=10**6)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")

@@ -93,6 +93,10 @@ def main() -> None:
           f"(within 2 SE: {trace_ok})")  # fmt: skip
     print(f"per-layer traces within 2 SE of each other: {sum(layer_ok)} of {len(layer_ok)} "
           f"(by chance alone about 95% are)")  # fmt: skip
+    se_ratio = np.median(new["layers"].trace_stderr / ref["layers"].trace_stderr)
+    probes = new["trace"].products
+    print(f"per-layer trace standard errors, shared / reference: median {se_ratio:.2f} "
+          f"(shared: {probes} probes, off-diagonal blocks included; reference: Hutch++ per layer)")  # fmt: skip
     print(f"shares: {', '.join(results['shared'].shares)}")
     print(f"ratio: {best['shared'] / best['reference']:.3f}")
 

@@ -94,7 +94,7 @@ def main() -> None:
     print(f"per-layer traces within 2 SE of each other: {sum(layer_ok)} of {len(layer_ok)} "
           f"(by chance alone about 95% are)")  # fmt: skip
     se_ratio = np.median(new["layers"].trace_stderr / ref["layers"].trace_stderr)
-    probes = new["trace"].products
+    probes = new["trace"].hvps
     print(f"per-layer trace standard errors, shared / reference: median {se_ratio:.2f} "
           f"(shared: {probes} probes, off-diagonal blocks included; reference: Hutch++ per layer)")  # fmt: skip
     print(f"shares: {', '.join(results['shared'].shares)}")

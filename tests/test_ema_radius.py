@@ -166,3 +166,27 @@ def test_the_theorem2_study_script_runs_its_grid_and_tabulates_it(tmp_path, csv_
         assert (tmp_path / "study" / png).read_bytes()[:4] == b"\x89PNG"
     assert study.main(argv) == 0  # finished runs are reused
     assert capsys.readouterr().err == ""
+
+
+def test_prediction_lines_scale_the_ema_share_by_the_seeds_beta_zero_run():
+    from flatlora_analysis import plots
+    from flatlora_analysis.plots.study import prediction_lines
+
+    def row(beta, seed, realized, predicted, radius="ema"):
+        return {"method": "eflat-lora", "ema_radius": radius, "beta": beta, "seed": seed,
+                "realized_ratio": realized, "predicted_ratio": predicted}  # fmt: skip
+
+    rows = [row(0.0, 1, 0.8, 1.0), row(0.0, 2, 0.6, 1.0), row(0.9, 1, 0.4, 0.3), row(0.9, 2, 0.2, 0.5),
+            row(0.9, 1, 1.0, 0.3, "rho"), {"method": "lora", "seed": 1, "test_loss": 1.0}]  # fmt: skip
+    lines = prediction_lines(rows)
+    betas, measured, spread = lines["measured"]
+    assert (
+        list(betas) == [0.0, 0.9]
+        and measured == pytest.approx([0.7, 0.3])
+        and spread[1] == pytest.approx(0.1414, abs=1e-4)
+    )
+    assert lines["predicted"][1] == pytest.approx([0.7, (0.3 * 0.8 + 0.5 * 0.6) / 2])  # the rho rows left out
+    fig = plots.prediction_figure({"a": rows, "b": rows})
+    assert [t.name for t in fig.data] == ["measured", "predicted"] * 2
+    assert list(fig.data[1].y) == pytest.approx(list(lines["predicted"][1]))
+    assert len(plots.prediction_png({"a": rows}).axes) == 1

@@ -25,7 +25,14 @@ from flatlora_analysis.plots.png import (
     realized_norm_png,
     sharpness_bars_png,
 )
-from flatlora_analysis.plots.study import beta_sweep_figure, beta_sweep_png, realized_ratio_figure, realized_ratio_png
+from flatlora_analysis.plots.study import (
+    beta_sweep_figure,
+    beta_sweep_png,
+    prediction_figure,
+    prediction_png,
+    realized_ratio_figure,
+    realized_ratio_png,
+)
 
 __all__ = [
     "balance_figure",
@@ -47,6 +54,8 @@ __all__ = [
     "landscape_2d_png",
     "layer_bars_figure",
     "layer_bars_png",
+    "prediction_figure",
+    "prediction_png",
     "realized_norm_figure",
     "realized_norm_png",
     "realized_ratio_figure",

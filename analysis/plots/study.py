@@ -5,6 +5,10 @@
   with the band between their quartiles; 1 is the radius asked for.
 - ``beta_sweep_*``: test accuracy and test loss (mean +- std over seeds) against EFlat-LoRA's
   beta, one line per ema_radius, with LoRA and Flat-LoRA as horizontal references.
+- ``prediction_*``: does rotation explain the shrinkage? The paper's rule's realized norm / rho
+  against beta, measured, beside the prediction ``ema_norm_ratio(beta, c)`` (c: the run's
+  median rotation cosine) times what the exact perturbation itself realizes (the beta = 0
+  run of the same seed), mean +- std over seeds; one panel per data set.
 """
 
 from __future__ import annotations
@@ -163,5 +167,71 @@ def beta_sweep_png(rows: Sequence[dict[str, Any]], title: str = "EFlat-LoRA agai
         ax.set(title=label, xlabel="beta")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return fig
+
+
+def prediction_lines(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """{"measured" | "predicted": (betas, means, stds)} of the paper's rule's realized norm / rho over study rows.
+
+    Predicted, per run: ``predicted_ratio`` (the EMA's share of ||eps_B|| for lag-k cosines c^k)
+    times the realized ratio of the beta = 0 run of its seed (eps_B's own share of rho).
+    """
+    ema = [r for r in rows if r.get("method") == "eflat-lora" and r.get("ema_radius") == "ema"]
+    base = {r["seed"]: r.get("realized_ratio") for r in ema if r["beta"] == 0}
+    betas = sorted({r["beta"] for r in ema})
+    out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for name in ("measured", "predicted"):
+        stats = []
+        for b in betas:
+            mine = [r for r in ema if r["beta"] == b]
+            if name == "measured":
+                values = [r.get("realized_ratio") for r in mine]
+            else:
+                values = [
+                    r["predicted_ratio"] * base[r["seed"]]
+                    if r.get("predicted_ratio") is not None and base.get(r["seed"]) is not None
+                    else None
+                    for r in mine
+                ]
+            stats.append(_mean_std(values))
+        out[name] = (np.array(betas), np.array([m for m, _ in stats]), np.array([d for _, d in stats]))
+    return out
+
+
+def prediction_figure(
+    sets: Mapping[str, Sequence[dict[str, Any]]], title: str = "Does rotation explain the shrinkage?"
+):
+    """One panel per data set: measured and predicted realized norm / rho of the paper's rule against beta."""
+    fig = make_subplots(rows=1, cols=len(sets), subplot_titles=list(sets))
+    for col, rows in enumerate(sets.values(), start=1):
+        for name, (betas, means, stds) in prediction_lines(rows).items():
+            fig.add_trace(
+                go.Scatter(x=betas, y=means, error_y={"type": "data", "array": stds}, mode="lines+markers",
+                           name=name, legendgroup=name, showlegend=col == 1,
+                           line={"color": color_for(name, ["measured", "predicted"]),
+                                 "dash": "dot" if name == "predicted" else "solid"}),
+                row=1, col=col,
+            )  # fmt: skip
+        fig.update_xaxes(title_text="beta", row=1, col=col)
+    fig.update_yaxes(title_text="realized norm / rho", row=1, col=1)
+    fig.update_layout(title=title, template="plotly_white")
+    return fig
+
+
+def prediction_png(sets: Mapping[str, Sequence[dict[str, Any]]], title: str = "Does rotation explain the shrinkage?"):
+    fig = Figure(figsize=(5 * len(sets), 4), layout="constrained")
+    for i, (label, rows) in enumerate(sets.items()):
+        ax = fig.add_subplot(1, len(sets), i + 1)
+        for name, (betas, means, stds) in prediction_lines(rows).items():
+            ax.errorbar(betas, means, yerr=stds, marker="o", capsize=3, label=name,
+                        linestyle=":" if name == "predicted" else "-",
+                        color=color_for(name, ["measured", "predicted"]))  # fmt: skip
+        ax.set_title(label)
+        ax.set_xlabel("beta")
+        ax.set_ylabel("realized norm / rho")
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.suptitle(title)
     return fig

@@ -183,6 +183,18 @@ def _lanczos_run(op, k, which, tol, max_iter, generator, v0=None):
     return values, list(errors), vectors, converged, len(it.alpha)
 
 
+def check_eigen_request(dim: int, k: int, which: str, tol: float) -> None:
+    """Refuse, in one line each, an eigenvalue request a Lanczos run cannot serve."""
+    if which not in WHICH:
+        raise FlatLoraError(f"unknown which={which!r}: use algebraic or magnitude")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise FlatLoraError(f"k={k!r}: pass an integer >= 1")
+    if k > dim:
+        raise FlatLoraError(f"k={k} is larger than the space ({dim} dimensions): ask for at most {dim}")
+    if not tol > 0:
+        raise FlatLoraError(f"tol must be > 0, got {tol}")
+
+
 def lanczos_eigenvalues(
     op: Any,
     k: int = 1,
@@ -207,14 +219,7 @@ def lanczos_eigenvalues(
     by the k Ritz vectors found checks for a missed value above the k-th, and takes it in
     if there is one (repeated until none is): about one top-1 run of extra products.
     """
-    if which not in WHICH:
-        raise FlatLoraError(f"unknown which={which!r}: use algebraic or magnitude")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise FlatLoraError(f"k={k!r}: pass an integer >= 1")
-    if k > op.dim:
-        raise FlatLoraError(f"k={k} is larger than the space ({op.dim} dimensions): ask for at most {op.dim}")
-    if not tol > 0:
-        raise FlatLoraError(f"tol must be > 0, got {tol}")
+    check_eigen_request(op.dim, k, which, tol)
     max_iter = min(op.dim, max_iter or max(100, 4 * k + 40))
     start = op.n_products
     generator = torch.Generator().manual_seed(seed)

@@ -50,6 +50,7 @@ class Lane:
     done: bool = field(init=False, default=False)
     converged: bool = field(init=False, default=False)
     _ritz: Any = field(init=False, default=None)
+    _cap: int = field(init=False, default=0)  # the step count it never passes (set by ``start``)
 
     def start(self, device: Any) -> None:
         dim = len(self.v0)

@@ -7,6 +7,7 @@ shifted, deflated) and the random probe vectors live in :mod:`flatlora_analysis.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -60,6 +61,7 @@ class HessianOperator:
         self.block_size = max(1, int(block_size))
         self.batched: bool | None = None  # None: not tried yet
         self.reduce = reduce  # sums a product over data-parallel ranks in place
+        self._layers: dict[str, tuple[list[int], list[int], list[int]]] = {}
         self.progress: Callable[[int, int], None] | None = None
         self.budget = 0  # products expected, for progress reports
         self._graphs: list[tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
@@ -149,14 +151,10 @@ class HessianOperator:
         through the same kept graph as full products, so autograd prunes the layers it needs
         not visit: a block product of an upper layer costs a fraction of a full one.
         """
-        sel = [i for i, e in enumerate(self.space.entries) if e.group == group]
-        if not sel:
-            raise FlatLoraError(f"no layer {group!r} in this space: use one of {', '.join(self.space.groups)}")
-        sizes = [self.space.sizes[i] for i in sel]
+        sel, sizes, offsets = self._layer_entries(group)
         v = v.to(device=self.device, dtype=self.dtype)
         if self.method != "autograd":  # finite differences (or not settled yet): pad, multiply, read back
             full = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-            offsets = [sum(self.space.sizes[:i]) for i in sel]
             for part, lo, n in zip(v.split(sizes), offsets, sizes):
                 full[lo : lo + n] = part
             out = self.matvec(full)
@@ -182,6 +180,16 @@ class HessianOperator:
             self.reduce(total)
         self._count(1)
         return total
+
+    def _layer_entries(self, group: str) -> tuple[list[int], list[int], list[int]]:
+        """(entry indices, sizes, flat offsets) of a layer, worked out once per layer (a run asks every step)."""
+        if group not in self._layers:
+            sel = [i for i, e in enumerate(self.space.entries) if e.group == group]
+            if not sel:
+                raise FlatLoraError(f"no layer {group!r} in this space: use one of {', '.join(self.space.groups)}")
+            starts = [0, *itertools.accumulate(self.space.sizes)]
+            self._layers[group] = (sel, [self.space.sizes[i] for i in sel], [starts[i] for i in sel])
+        return self._layers[group]
 
     def _count(self, products: int) -> None:
         self.n_products += products

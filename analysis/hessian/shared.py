@@ -36,8 +36,7 @@ import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 
-from flatlora.errors import FlatLoraError
-from flatlora_analysis.hessian.lanczos import EigenEstimate, _estimate, _verify
+from flatlora_analysis.hessian.lanczos import EigenEstimate, _estimate, _verify, check_eigen_request
 from flatlora_analysis.hessian.lockstep import Lane, run_lockstep
 from flatlora_analysis.hessian.operators import matmat, random_vectors
 from flatlora_analysis.hessian.trace import TraceEstimate
@@ -117,12 +116,7 @@ def shared_curvature(
         :class:`SharedCurvature`; ``products`` counts per part (the top-k run counts the steps
         SLQ run 1 reuses once).
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise FlatLoraError(f"k={k!r}: pass an integer >= 1")
-    if k > op.dim:
-        raise FlatLoraError(f"k={k} is larger than the space ({op.dim} dimensions): ask for at most {op.dim}")
-    if not (tol > 0 and layer_tol > 0):
-        raise FlatLoraError(f"tol must be > 0, got {min(tol, layer_tol)}")
+    check_eigen_request(op.dim, k, which, min(tol, layer_tol))
     generator = torch.Generator().manual_seed(seed)
     dim, device = op.dim, op.device
     max_iter = min(dim, max_iter or max(100, 4 * k + 40))

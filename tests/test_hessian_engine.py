@@ -36,6 +36,8 @@ def two_layer_classifier():
 def test_matmat_equals_k_matvecs_to_float64_round_off_on_a_transformer():
     model, probe = bert_float64()
     with hessian_operator(model, probe, "lora", hvp="autograd") as op:
+        assert op.block_size == 1 and op.meta["block_size"] == 1  # a CPU's default: one product at a time
+        op.block_size = 16
         V = torch.randn(op.dim, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
         columns = torch.stack([op.matvec(V[:, j]) for j in range(5)], 1)
         calls = op.n_calls
@@ -66,6 +68,7 @@ def test_matmat_falls_back_to_single_products_where_batching_fails(monkeypatch):
             raise RuntimeError("Batching rule not implemented for aten::something")
 
         monkeypatch.setattr(op, "_autograd_block", no_rule)
+        op.block_size = 4
         V = torch.randn(op.dim, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
         out = op.matmat(V)
         assert op.meta["batched"] is False and "Batching rule" in op.meta["batched_reason"]

@@ -28,7 +28,6 @@ it into report.json).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +38,7 @@ from scipy.linalg import eigh_tridiagonal
 from flatlora_analysis.hessian.lanczos import EigenEstimate, _estimate, _verify, check_eigen_request
 from flatlora_analysis.hessian.lockstep import Lane, run_lockstep
 from flatlora_analysis.hessian.operators import matmat, random_vectors
-from flatlora_analysis.hessian.trace import TraceEstimate
+from flatlora_analysis.hessian.trace import TraceEstimate, _stats
 
 SHARES = {
     "density": "run 1 is the first steps of the top_eigenvalues Lanczos run; runs 2.. in lockstep with it",
@@ -70,12 +69,6 @@ def _quadrature(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.nda
         return alpha, np.ones(1)
     theta, S = eigh_tridiagonal(alpha, beta)
     return theta, S[0] ** 2
-
-
-def _stats(samples: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
-    n = samples.shape[axis]
-    se = samples.std(axis=axis, ddof=1) / math.sqrt(n) if n > 1 else np.full(samples.shape[:-1], np.inf)
-    return samples.mean(axis=axis), se
 
 
 def shared_curvature(
@@ -178,8 +171,8 @@ def shared_curvature(
         samples = (R * HR).sum(0).cpu().numpy()
         mean, se = _stats(samples)
         trace = TraceEstimate(
-            exact + float(mean),
-            float(se),
+            exact + mean,
+            se,
             n_res,
             samples,
             True,

@@ -74,7 +74,7 @@ def curvature(
     layers: bool = False,
     layer_trace_samples: int = 12,
     engine: str = "shared",
-    block_size: int = 16,
+    block_size: int | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: Progress | None = None,
@@ -93,7 +93,9 @@ def curvature(
             spends ``layer_trace_samples`` Hutch++ products per layer, the shared one reads the
             traces off the trace's products (``trace_samples`` must then be > 0).
         engine: ``shared`` (block products, shared estimators) or ``reference``.
-        block_size: columns per batched double backward (shared engine; memory grows with it).
+        block_size: columns per batched double backward (shared engine; memory grows with it);
+            None: 16 on a CUDA device, 1 (single products) on a CPU, where a batched column
+            costs as much as a single product or more.
         seed: of every random draw.
         data_parallel: under ``torch.distributed`` (torchrun) with several ranks, each rank
             takes its share of the probe set (:meth:`ProbeSet.shard`) and every product is
@@ -172,8 +174,8 @@ def _rank_world() -> tuple[int, int]:
 
 def _shared(model, probe, space, s, block_size, device, progress, reduce=None):
     with measuring(model, device) as dev:
-        # a CPU batches double backwards poorly (about 7% a column) while a layer's pruned product
-        # costs a fraction of a full one; an accelerator runs the block's columns side by side
+        # a CPU gains nothing from batched double backwards while a layer's pruned product costs
+        # a fraction of a full one; an accelerator runs the block's columns side by side
         layer_products = "block" if torch.device(dev).type == "cuda" else "pruned"
         sp = build_space(model, space)
         names, indices = _layer_indices(sp) if s["layers"] else ([], None)

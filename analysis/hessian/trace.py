@@ -32,10 +32,12 @@ class TraceEstimate:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _stats(samples: np.ndarray) -> tuple[float, float]:
-    mean = float(samples.mean())
-    se = float(samples.std(ddof=1) / math.sqrt(len(samples))) if len(samples) > 1 else math.inf
-    return mean, se
+def _stats(samples: np.ndarray, axis: int = -1):
+    """(mean, standard error) over ``axis``, inf with one sample: floats for a 1-D array, arrays otherwise."""
+    n = samples.shape[axis]
+    mean = samples.mean(axis=axis)
+    se = samples.std(axis=axis, ddof=1) / math.sqrt(n) if n > 1 else np.full(np.shape(mean), math.inf)
+    return (float(mean), float(se)) if samples.ndim == 1 else (mean, se)
 
 
 def _quadratic_forms(op: Any, V: torch.Tensor, batched: bool) -> list[float]:

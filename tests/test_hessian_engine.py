@@ -37,13 +37,15 @@ def test_matmat_equals_k_matvecs_to_float64_round_off_on_a_transformer():
     model, probe = bert_float64()
     with hessian_operator(model, probe, "lora", hvp="autograd") as op:
         assert op.block_size == 1 and op.meta["block_size"] == 1  # a CPU's default: one product at a time
-        op.block_size = 16
         V = torch.randn(op.dim, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        op.matmat(V[:, :2])
+        assert op.meta["batched"] is False and "block_size 1" in op.meta["batched_reason"]
+        op.block_size = 16
         columns = torch.stack([op.matvec(V[:, j]) for j in range(5)], 1)
         calls = op.n_calls
         block = op.matmat(V)
-        assert op.meta["batched"] is True
-        assert op.n_calls == calls + 1 and op.n_products == 10  # one backward pass for five products
+        assert op.meta["batched"] is True and "batched_reason" not in op.meta
+        assert op.n_calls == calls + 1 and op.n_products == 12  # one backward pass for five products
     assert torch.max(torch.abs(block - columns)) <= 1e-12 * torch.max(torch.abs(columns))
 
 

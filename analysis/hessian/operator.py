@@ -140,6 +140,7 @@ class HessianOperator:
             try:
                 out = self._autograd_block(cols)
                 self.batched = self.meta["batched"] = True
+                self.meta.pop("batched_reason", None)  # a block_size raised after single products
             except (RuntimeError, NotImplementedError) as err:
                 if "batch" not in str(err).lower() and "vmap" not in str(err).lower():
                     raise

@@ -34,7 +34,9 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "flatlora.perturbation": ("flat_lora_eps_b",),
     # training
     "flatlora.trainer": ("FlatLoraTrainer", "evaluate", "train_loop"),
-    "flatlora.models": ("load_adapter", "load_classifier", "tiny_batches", "tiny_model"),
+    "flatlora.models": ("LoraOptions", "load_classifier"),
+    "flatlora.adapters": ("load_adapter",),
+    "flatlora.testing": ("tiny_batches", "tiny_model"),
     "flatlora.data": ("load_data", "make_few_shot"),
     # run directories
     "flatlora.runs": ("Run", "RunDir", "list_runs", "load_run"),
@@ -50,6 +52,7 @@ __all__ = [
     "FlatLoraTrainer",
     "LoRAMethod",
     "LoRASAM",
+    "LoraOptions",
     "LoraPair",
     "RWPLoRA",
     "RhoSchedule",
@@ -86,11 +89,13 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from flatlora.adapters import load_adapter
     from flatlora.data import load_data, make_few_shot
     from flatlora.lora import LoraPair, find_lora_pairs
     from flatlora.methods import BAR, METHODS, EFlatLoRA, FlatLoRA, LoRAMethod, LoRASAM, RWPLoRA, make_method
-    from flatlora.models import load_adapter, load_classifier, tiny_batches, tiny_model
+    from flatlora.models import LoraOptions, load_classifier
     from flatlora.perturbation import flat_lora_eps_b
     from flatlora.runs import Run, RunDir, list_runs, load_run
     from flatlora.schedules import RhoSchedule
+    from flatlora.testing import tiny_batches, tiny_model
     from flatlora.trainer import FlatLoraTrainer, evaluate, train_loop

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from flatlora.errors import FlatLoraError
-from flatlora.models import _set_pad_token, wrap_lora
+from flatlora.models import LoraOptions, lora_options, set_pad_token, wrap_lora
 
 DEFAULT_LLM_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 """The default causal LM's hub id: what run.json and adapter_config.json record."""
@@ -27,6 +27,7 @@ _DEFAULT_LLM_ALIASES = {DEFAULT_LLM_ID.lower(), "smollm2", "smollm2-135m-instruc
 
 
 def is_default_llm(model: str | None) -> bool:
+    """Whether ``model`` names the bundled default LLM (None, its hub id or a short alias)."""
     return model is None or model.lower() in _DEFAULT_LLM_ALIASES
 
 
@@ -98,7 +99,7 @@ def load_base_causal_lm(
         ) from None
     if gguf:
         _forget_gguf_quantizer(base)
-    _set_pad_token(base, tokenizer)
+    set_pad_token(base, tokenizer)
     base.name_or_path = base.config._name_or_path = canonical_llm_id(model) if model or not gguf_file else path
     return base, tokenizer
 
@@ -125,57 +126,36 @@ def _forget_gguf_quantizer(base: torch.nn.Module) -> None:
 def load_causal_lm(
     model: str | None = None,
     *,
-    gguf_file: str | None = None,
-    r: int = 8,
-    alpha: float = 16,
-    lora_dropout: float = 0.1,
-    target_modules: list[str] | None = None,
-    use_rslora: bool = False,
+    lora: LoraOptions | None = None,
     seed: int = 0,
+    gguf_file: str | None = None,
     dtype: torch.dtype | None = None,
+    **lora_kwargs: Any,
 ) -> tuple[torch.nn.Module, Any]:
     """A causal LM wrapped in peft LoRA (task CAUSAL_LM) and its tokenizer.
 
-    LoRA goes on the query/value projections (q_proj/v_proj for LLaMA-style models, the fused
-    c_attn Conv1D for GPT-2, with ``fan_in_fan_out``) unless ``target_modules`` says otherwise.
-    The LoRA A factors are drawn after ``torch.manual_seed(seed)``.
+    Args:
+        model: An HF hub id, a local folder, or None for the bundled SmolLM2-135M-Instruct.
+        lora: The adapter's settings (default ``LoraOptions()``: r=8 on the query/value
+            projections: q_proj/v_proj for LLaMA-style models, GPT-2's fused c_attn Conv1D
+            with ``fan_in_fan_out``).
+        seed: The LoRA A factors are drawn after ``torch.manual_seed(seed)``.
+        gguf_file: A GGUF file in ``model``'s folder, or a path to one (see :func:`resolve_causal_lm`).
+        dtype: The weights' dtype (GGUF checkpoints: float32 by default).
+        **lora_kwargs: The fields of :class:`~flatlora.models.LoraOptions` one by one
+            (``r=4, alpha=8``), instead of ``lora``.
+
+    Returns:
+        (the peft model, its tokenizer with a pad token).
+
+    Raises:
+        FlatLoraError: a model that cannot be loaded, a target module it does not have, or both
+            ``lora`` and LoRA keywords.
     """
+    options = lora_options(lora, **lora_kwargs)
     base, tokenizer = load_base_causal_lm(model, gguf_file=gguf_file, dtype=dtype)
-    lora = dict(r=r, alpha=alpha, lora_dropout=lora_dropout, target_modules=target_modules, use_rslora=use_rslora)
     torch.manual_seed(seed)
-    return wrap_lora(base, "CAUSAL_LM", name=model or DEFAULT_LLM_ID, **lora), tokenizer
-
-
-def save_tiny_causal_lm(folder, *, arch: str = "llama", seed: int = 0, tokenizer: Any = None) -> str:
-    """Write a tiny random causal LM (``llama`` or ``gpt2``) with a real tokenizer to ``folder``.
-
-    For tests of the real loading path (``load_causal_lm(folder)``) without a 135M model.
-    ``tokenizer`` defaults to the default LLM's (it has a chat template). Returns the folder.
-    """
-    import transformers as tf
-
-    if tokenizer is None:
-        tokenizer = load_causal_tokenizer(None)
-    vocab = len(tokenizer)
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-    if arch == "llama":
-        config = tf.LlamaConfig(
-            **ids, vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=False,
-        )  # fmt: skip
-        cls = tf.LlamaForCausalLM
-    elif arch == "gpt2":
-        config = tf.GPT2Config(
-            **ids, vocab_size=vocab, n_positions=256, n_embd=32, n_layer=2, n_head=2,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        )  # fmt: skip
-        cls = tf.GPT2LMHeadModel
-    else:
-        raise FlatLoraError(f"unknown tiny causal LM {arch!r}: use llama or gpt2")
-    torch.manual_seed(seed)
-    cls(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return wrap_lora(base, "CAUSAL_LM", name=model or DEFAULT_LLM_ID, lora=options), tokenizer
 
 
 def load_causal_tokenizer(model: str | None, gguf_file: str | None = None) -> Any:

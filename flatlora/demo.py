@@ -10,7 +10,6 @@ that opens the dashboard. Finished runs and measured figures are reused on a rer
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,34 +20,25 @@ DEFAULT_OUT, DEFAULT_LLM_OUT = "runs/demo", "runs/demo-llm"
 
 
 def demo_config(args: argparse.Namespace, method: str):
-    from flatlora.experiment import TrainConfig
+    """The TrainConfig of one demo run: the tweets, a saved trajectory, the Theorem-2 diagnostics.
 
-    return TrainConfig(
+    The demo's options named as fields (``--shots``, ``--seed``, ``--steps``, ``--test-cap``,
+    ``--rho``, ``--lr``, ``--no-progress``) apply as they are.
+    """
+    from flatlora.config import TrainConfig
+
+    return TrainConfig.from_namespace(
+        args,
         method=method,
         data="tweets",
-        shots=args.shots,
-        seed=args.seed,
-        steps=args.steps,
-        test_cap=args.test_cap,
-        rho=args.rho,
-        lr=args.lr,
-        progress=args.progress,
         trajectory_every=max(1, args.steps // 10),
         diagnostics_every=max(1, args.steps // 20) if method == "eflat-lora" else 0,
         save_every=max(1, args.steps // 4),
     )
 
 
-def _reusable(previous, config) -> bool:
-    return (
-        previous is not None
-        and previous.status == "done"
-        and previous.hparams == json.loads(json.dumps(config.hparams()))
-        and all(previous.info["data"].get(k) == v for k, v in config.data_spec().items())
-    )
-
-
 def train_demo_runs(args: argparse.Namespace) -> list:
+    from flatlora.demo_common import reusable
     from flatlora.experiment import train_run
     from flatlora.runs import load_run
 
@@ -58,7 +48,7 @@ def train_demo_runs(args: argparse.Namespace) -> list:
         config = demo_config(args, method)
         folder = out / method
         previous = load_run(folder) if (folder / "run.json").exists() else None
-        if _reusable(previous, config) and not args.fresh:
+        if reusable(previous, config) and not args.fresh:
             runs.append(previous)
         else:
             runs.append(train_run(config, folder, overwrite=True))
@@ -68,7 +58,7 @@ def train_demo_runs(args: argparse.Namespace) -> list:
 def run_demo(args: argparse.Namespace) -> int:
     """Train the demo's runs, measure them, print the tables and the dashboard command."""
     from flatlora.atomic import check_writable
-    from flatlora_analysis.cli import ProgressBars, quiet_transformers
+    from flatlora.console import ProgressBars, quiet_transformers
     from flatlora_analysis.report import build_report, preset, summary_rows
 
     quiet_transformers()

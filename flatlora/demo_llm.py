@@ -18,16 +18,19 @@ LLM_DEMO_QUICK = {"shots": 2, "steps": 3, "batch_size": 2, "lr": 1e-3, "test_cap
 
 
 def llm_demo_config(args: argparse.Namespace, method: str):
-    from flatlora.experiment import TrainConfig
+    """The TrainConfig of one LLM demo run: the demo's options named as fields, then its own settings.
+
+    ``--seed``, ``--rho`` and ``--no-progress`` apply; :data:`LLM_DEMO` (or :data:`LLM_DEMO_QUICK`)
+    replaces ``--shots``, ``--steps``, ``--lr`` and ``--test-cap``.
+    """
+    from flatlora.config import TrainConfig
 
     settings = LLM_DEMO_QUICK if args.quick else LLM_DEMO
-    return TrainConfig(
+    return TrainConfig.from_namespace(
+        args,
         method=method,
         task="causal-lm",
         data="e2e",
-        seed=args.seed,
-        rho=args.rho,
-        progress=args.progress,
         save_every=max(1, settings["steps"] // 4),
         diagnostics_every=max(1, settings["steps"] // 10) if method == "eflat-lora" else 0,
         decoding="greedy",
@@ -37,10 +40,10 @@ def llm_demo_config(args: argparse.Namespace, method: str):
 
 def run_llm_demo(args: argparse.Namespace) -> int:
     """Train the LLM demo's runs (or reuse finished ones) and print their E2E table."""
-    from flatlora.demo import _reusable
+    from flatlora.demo_common import reusable
     from flatlora.experiment import train_run
-    from flatlora.experiment_lm import resolve_task
     from flatlora.runs import load_run
+    from flatlora.tasks import resolve_task
 
     start = time.perf_counter()
     out = Path(args.out)
@@ -56,7 +59,7 @@ def run_llm_demo(args: argparse.Namespace) -> int:
         config = llm_demo_config(args, method)
         folder = out / method
         previous = load_run(folder) if (folder / "run.json").exists() else None
-        if not args.fresh and _reusable(previous, resolve_task(config)):
+        if not args.fresh and reusable(previous, resolve_task(config)):
             runs.append(previous)
         else:
             runs.append(train_run(config, folder, overwrite=True))

@@ -19,13 +19,13 @@ Prints a table; the last line is ``ratio: X`` with X = our top-5 products / PyHe
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 import warnings
 
 import numpy as np
 import torch
+from _timing import interleaved
 
 from flatlora_analysis import ProbeSet, top_eigenvalues
 from flatlora_analysis.hessian import hessian_operator
@@ -34,9 +34,9 @@ from flatlora_analysis.hessian.pyhessian_backend import _session
 
 def build(quick: bool, n_length: tuple[int, int] | None = None):
     from flatlora.data import load_tweets
-    from flatlora.models import load_classifier
+    from flatlora.models import LoraOptions, load_classifier
 
-    model, tokenizer = load_classifier(None, num_labels=3, r=8, alpha=16, lora_dropout=0.0, seed=0)
+    model, tokenizer = load_classifier(None, num_labels=3, lora=LoraOptions(r=8, alpha=16, lora_dropout=0.0), seed=0)
     model.base_model.model.config._attn_implementation = "eager"
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -56,21 +56,18 @@ def build(quick: bool, n_length: tuple[int, int] | None = None):
 
 def time_per_hvp(model, probe, repeats: int) -> tuple[float, float]:
     """Median seconds per product: our operator's and PyHessian's, on the same batch, interleaved."""
-    ours, theirs = [], []
     module = sys.modules["pyhessian.hessian"]
     with hessian_operator(model, probe, "lora") as op, _session(model, probe, "lora", None, 0) as (engine, _, _):
         g = torch.Generator().manual_seed(1)
         v = torch.randn(op.dim, generator=g)
         op.matvec(v)  # builds and keeps the gradient graph, as PyHessian's constructor does
         parts = [p.view_as(q) for p, q in zip(v.split([q.numel() for q in engine.params]), engine.params)]
-        for _ in range(repeats):
-            t = time.perf_counter()
-            op.matvec(v)
-            ours.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            module.hessian_vector_product(engine.gradsH, engine.params, parts)
-            theirs.append(time.perf_counter() - t)
-    return statistics.median(ours), statistics.median(theirs)
+        calls = {
+            "ours": lambda: op.matvec(v),
+            "theirs": lambda: module.hessian_vector_product(engine.gradsH, engine.params, parts),
+        }
+        median = interleaved(calls, repeats).median()
+    return median["ours"], median["theirs"]
 
 
 def main() -> None:

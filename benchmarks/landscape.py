@@ -21,20 +21,19 @@ Last line: ``ratio: X`` with X = flatlora's time / (121 x one forward pass); goa
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 
 import torch
+from _timing import median_seconds, time_call
 
 from flatlora_analysis import ProbeSet, landscape_2d
 
 
 def build(quick: bool):
     from flatlora.data import load_tweets
-    from flatlora.models import load_classifier
+    from flatlora.models import LoraOptions, load_classifier
 
-    model, tokenizer = load_classifier(None, num_labels=3, r=8, alpha=16, lora_dropout=0.0, seed=0)
+    model, tokenizer = load_classifier(None, num_labels=3, lora=LoraOptions(r=8, alpha=16, lora_dropout=0.0), seed=0)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -53,13 +52,13 @@ def build(quick: bool):
 
 @torch.no_grad()
 def forward_time(model, probe, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+    """Median seconds of one clean forward pass over the probe set."""
+
+    def forward() -> None:
         for batch in probe.batches:
             model(**batch).loss.item()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+
+    return median_seconds(forward, repeats)
 
 
 def loss_landscapes_time(model, probe, steps: int) -> tuple[float | None, str]:
@@ -94,11 +93,16 @@ def loss_landscapes_time(model, probe, steps: int) -> tuple[float | None, str]:
 
     modules = [p.layer.get_base_layer() for p in find_lora_pairs(model)]
     wrapper = GeneralModelWrapper(model, modules, forward_fn)
-    t = time.perf_counter()
-    loss_landscapes.random_plane(
-        wrapper, ProbeLoss(), distance=1, steps=steps, normalization="filter", deepcopy_model=True
+    seconds, _ = time_call(
+        loss_landscapes.random_plane,
+        wrapper,
+        ProbeLoss(),
+        distance=1,
+        steps=steps,
+        normalization="filter",
+        deepcopy_model=True,
     )
-    return time.perf_counter() - t, note
+    return seconds, note
 
 
 def main() -> None:
@@ -111,9 +115,7 @@ def main() -> None:
     steps = 5 if args.quick else 11
     points = steps * steps
     one = forward_time(model, probe, 5)
-    t = time.perf_counter()
-    result = landscape_2d(model, probe, steps=steps, span=1.0)
-    ours = time.perf_counter() - t
+    ours, result = time_call(landscape_2d, model, probe, steps=steps, span=1.0)
     one_after = forward_time(model, probe, 5)  # the machine may drift: take the mean of before and after
     floor = points * (one + one_after) / 2
     theirs, note = loss_landscapes_time(model, probe, steps)

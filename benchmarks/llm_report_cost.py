@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _timing import children_peak_rss_bytes, time_call
 
 
 def make_adapter(folder: Path) -> None:
@@ -54,9 +54,7 @@ def main() -> int:
     cmd = [sys.executable, "-m", "flatlora.cli", "report", str(adapter), "--data", "e2e", "--quick",
            "--examples", str(args.examples), "--batch-size", str(args.examples), "--max-length", "128",
            "--out", str(report), "--no-progress"]  # fmt: skip
-    start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
+    seconds, done = time_call(subprocess.run, cmd, capture_output=True, text=True)
     if done.returncode != 0:
         print(done.stderr[-3000:], file=sys.stderr)
         return done.returncode
@@ -66,7 +64,7 @@ def main() -> int:
         print(f"  {name:<22} {value:7.1f} s")
     probe = entry["hessian"]["top_eigenvalues"]["settings"]
     print(f"probe: {args.examples} E2E pairs, {probe.get('n_tokens')} scored tokens")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    peak = children_peak_rss_bytes() / 2**20
     print(f"seconds: {seconds:.1f}")
     print(f"peak RSS MiB: {peak:.0f}")
     return 0

@@ -25,12 +25,9 @@ import argparse
 import copy
 import json
 import os
-import statistics
-import subprocess
-import sys
-import threading
-import time
 import warnings
+
+from _timing import PeakRss, interleaved, run_child
 
 METHODS = ("lora", "eflat-lora", "flat-lora")
 GOALS = {"eflat-lora": (1.05, 1.02), "flat-lora": (2.05, None)}
@@ -59,13 +56,9 @@ def build(method: str, model):
 
 def load_model():
     from flatlora.causal_lm import load_causal_lm
+    from flatlora.models import LoraOptions
 
-    return load_causal_lm(None, r=8, alpha=16, lora_dropout=0.0)
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return load_causal_lm(None, lora=LoraOptions(r=8, alpha=16, lora_dropout=0.0))
 
 
 def memory_child(method: str, steps: int) -> None:
@@ -76,35 +69,16 @@ def memory_child(method: str, steps: int) -> None:
     batch = make_batch(tokenizer)
     opt = build(method, model)
     model.train()
-    before = rss_bytes()
-    peak = [before]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_bytes())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    for _ in range(steps):
-        opt.train_step(lambda: model(**batch).loss)
-    done.set()
-    sampler.join()
-    peak[0] = max(peak[0], rss_bytes())
-    print(json.dumps({"before": before, "peak": peak[0], "threads": torch.get_num_threads()}))
+    with PeakRss() as rss:
+        for _ in range(steps):
+            opt.train_step(lambda: model(**batch).loss)
+    print(json.dumps({"before": rss.before, "peak": rss.peak, "threads": torch.get_num_threads()}))
 
 
 def measure_memory(steps: int) -> dict[str, dict[str, int]]:
     out = {}
     for method in METHODS:
-        proc = subprocess.run(
-            [sys.executable, __file__, "--memory-child", method, "--memory-steps", str(steps)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        out[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+        out[method] = json.loads(run_child([__file__, "--memory-child", method, "--memory-steps", str(steps)]))
     return out
 
 
@@ -118,20 +92,12 @@ def measure_time(steps: int, warmup: int) -> dict[str, float]:
         runs[name] = (copy_, build(name, copy_))
     del model
 
-    def one_step(name: str) -> float:
+    def step_of(name: str):
+        """One training step of method ``name`` on its copy of the model, as a call."""
         m, method = runs[name]
-        start = time.perf_counter()
-        method.train_step(lambda: m(**batch).loss)
-        return time.perf_counter() - start
+        return lambda: method.train_step(lambda: m(**batch).loss)
 
-    for _ in range(warmup):
-        for name in METHODS:
-            one_step(name)
-    times = {name: [] for name in METHODS}
-    for _ in range(steps):
-        for name in METHODS:
-            times[name].append(one_step(name))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return interleaved({name: step_of(name) for name in METHODS}, steps, warmup).median()
 
 
 def main() -> None:

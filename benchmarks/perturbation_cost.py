@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import subprocess
-import sys
-import time
 
 import torch
+from _timing import interleaved, peak_rss_bytes, reset_peak_rss, run_child, status_bytes
 
 from flatlora.perturbation import flat_lora_eps_b
 
@@ -51,24 +48,7 @@ def make_layers(layers: int, dim: int, rank: int, seed: int = 0):
     return As, Bs, gAs, gBs, [2.0] * layers
 
 
-def median_time(fn, args, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 ROUTES = {"reference": reference_eps_b, "ours": ours}
-
-
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
 
 
 def _measure_here(route: str, args) -> int:
@@ -76,12 +56,10 @@ def _measure_here(route: str, args) -> int:
     call = (*make_layers(args.layers, args.dim, args.rank), 0.05)
     out = ROUTES[route](*call)  # warm-up: load the linear algebra code, size the thread pools
     del out
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak resident set to the current one
-    before = _status_bytes("VmRSS")
+    reset_peak_rss()
+    before = status_bytes("VmRSS")
     outputs = ROUTES[route](*call)
-    # The peak is refreshed lazily (on unmap); the outputs, still held here, count too.
-    peak = max(_status_bytes("VmHWM"), _status_bytes("VmRSS")) - before
+    peak = peak_rss_bytes() - before  # the outputs, still held here, count too
     del outputs
     return peak
 
@@ -89,20 +67,9 @@ def _measure_here(route: str, args) -> int:
 def extra_peak_bytes(route: str, args) -> int:
     """Run :func:`_measure_here` in a fresh subprocess, so the routes do not share a heap."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="0")
-    cmd = [
-        sys.executable,
-        __file__,
-        "--measure-memory",
-        route,
-        "--layers",
-        str(args.layers),
-        "--dim",
-        str(args.dim),
-        "--rank",
-        str(args.rank),
-    ]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-    return int(result.stdout.strip().splitlines()[-1])
+    argv = [__file__, "--measure-memory", route, "--layers", str(args.layers), "--dim", str(args.dim),
+            "--rank", str(args.rank)]  # fmt: skip
+    return int(run_child(argv, env))
 
 
 def main() -> None:
@@ -126,12 +93,9 @@ def main() -> None:
     rel = max(float((a - b).norm() / b.norm()) for a, b in zip(mine, ref))
     assert rel < 1e-3, f"routes disagree: max relative difference {rel:.2e}"
 
-    ours(*call), reference_eps_b(*call)  # warm-up
-    t_ours, t_ref = [], []
-    for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
-        t_ours.append(median_time(ours, call, 1))
-        t_ref.append(median_time(reference_eps_b, call, 1))
-    t_ours, t_ref = statistics.median(t_ours), statistics.median(t_ref)
+    calls = {"ours": lambda: ours(*call), "reference": lambda: reference_eps_b(*call)}
+    median = interleaved(calls, args.repeats, warmup=1).median()  # interleaved: machine noise hits both alike
+    t_ours, t_ref = median["ours"], median["reference"]
     m_ours, m_ref = extra_peak_bytes("ours", args), extra_peak_bytes("reference", args)
 
     mib = 2**20

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import numpy as np
 import torch
+from _timing import interleaved
 from hessian import build
 
 from flatlora_analysis.hessian.suite import curvature
@@ -40,12 +40,6 @@ SETTINGS = {
 }
 
 
-def timed(model, probe, engine: str):
-    start = time.perf_counter()
-    result = curvature(model, probe, "lora", engine=engine, **SETTINGS)
-    return time.perf_counter() - start, result
-
-
 def within(a: float, sa: float, b: float, sb: float, z: float = 2.0) -> bool:
     return abs(a - b) <= z * math.sqrt(sa**2 + sb**2)
 
@@ -57,13 +51,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model, probe = build(args.quick, n_length=None if args.quick else (64, 64))
-    times: dict[str, list[float]] = {"shared": [], "reference": []}
-    results = {}
-    for _ in range(args.repeats):
-        for engine in ("shared", "reference"):
-            seconds, results[engine] = timed(model, probe, engine)
-            times[engine].append(seconds)
-            print(f"{engine}: {seconds:.1f} s", flush=True)
+
+    def run(engine: str):
+        return lambda: curvature(model, probe, "lora", engine=engine, **SETTINGS)
+
+    def show(engine: str, seconds: float) -> None:
+        print(f"{engine}: {seconds:.1f} s", flush=True)
+
+    timings = interleaved({engine: run(engine) for engine in ("shared", "reference")}, args.repeats, on_time=show)
+    results = timings.results
     new, ref = results["shared"].parts(), results["reference"].parts()
     top_rel = np.abs(new["top_eigenvalues"].eigenvalues - ref["top_eigenvalues"].eigenvalues) / np.abs(
         ref["top_eigenvalues"].eigenvalues
@@ -77,7 +73,7 @@ def main() -> None:
                                 ref["layers"].trace_stderr)
     ]  # fmt: skip
     products = {e: {n: p.hvps for n, p in r.parts().items()} for e, r in results.items()}
-    best = {e: min(t) for e, t in times.items()}
+    best = timings.best()
     print()
     print("| engine | best time (s) | products: top-5 | trace | density | layers | all |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -23,6 +23,7 @@ import time
 import warnings
 
 import torch
+from _timing import interleaved
 from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -66,20 +67,12 @@ def main() -> None:
         runs[name] = (copy_, make_method(name, copy_, **kwargs))
     del model
 
-    def one_step(name: str) -> float:
+    def step_of(name: str):
+        """One training step of method ``name`` on its copy of the model, as a call."""
         m, method = runs[name]
-        start = time.perf_counter()
-        method.train_step(lambda: m(**batch).loss)
-        return time.perf_counter() - start
+        return lambda: method.train_step(lambda: m(**batch).loss)
 
-    for _ in range(args.warmup):
-        for name in METHODS:
-            one_step(name)
-    times = {name: [] for name in METHODS}
-    for _ in range(args.steps):
-        for name in METHODS:
-            times[name].append(one_step(name))
-    median = {name: statistics.median(t) for name, t in times.items()}
+    median = interleaved({name: step_of(name) for name in METHODS}, args.steps, args.warmup).median()
 
     shape = "2 layers, d=128, 4 x 32 tokens" if args.quick else "12 layers, d=768, 4 x 128 tokens"
     print(

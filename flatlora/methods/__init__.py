@@ -8,9 +8,10 @@ import torch
 
 from flatlora.errors import FlatLoraError
 from flatlora.methods.bar import BAR
-from flatlora.methods.base import REGISTRY, LoRAMethod
+from flatlora.methods.base import LoRAMethod
 from flatlora.methods.eflat import EFlatLoRA
 from flatlora.methods.flat import FlatLoRA
+from flatlora.methods.registry import REGISTRY
 from flatlora.methods.rwp import RWPLoRA
 from flatlora.methods.sam import LoRASAM
 

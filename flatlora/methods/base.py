@@ -10,48 +10,29 @@ A step has three phases, so that the plain loop and the HF Trainer drive methods
 
 :meth:`train_step` runs all of it for one batch from a loss function. The model at rest
 always holds clean weights: a checkpoint, an evaluation or a crash never sees a perturbation.
+
+Beside it: ``base_optimizer.py`` (the checks of the LoRA factors, the base optimizer),
+``registry.py`` (the methods by name) and ``rng.py`` (replaying dropout masks).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 
 from flatlora import log_keys as keys
 from flatlora.errors import FlatLoraError
-from flatlora.lora import LoraPair, balancedness, find_lora_pairs, require_plain_lora
+from flatlora.lora import LoraPair, balancedness, find_lora_pairs
+from flatlora.methods.base_optimizer import all_finite, build_base_optimizer, check_factors
+from flatlora.methods.registry import register as register_method
 from flatlora.schedules import RhoSchedule
 
 LossFn = Callable[[], torch.Tensor]
 STATE_KEY = "flatlora"
 STATE_FORMAT = 1
-
-REGISTRY: dict[str, type[LoRAMethod]] = {}
-"""Every method class by its ``name``; a subclass registers itself when it is defined."""
-
-
-class RngSnapshot:
-    """The global RNG state (CPU and CUDA) at one moment, to replay the same dropout masks."""
-
-    def __init__(self) -> None:
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
-
-
-def _is_finite(tensors: Iterable[torch.Tensor]) -> bool:
-    """All entries finite; one device sync per device rather than one per tensor."""
-    flags: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
-    for t in tensors:
-        flags[t.device].append(torch.isfinite(t).all())
-    return all(bool(torch.stack(f).all()) for f in flags.values())
 
 
 class LoRAMethod(torch.optim.Optimizer):
@@ -90,7 +71,7 @@ class LoRAMethod(torch.optim.Optimizer):
         """
         super().__init_subclass__(**kwargs)
         if register:
-            _register(cls)
+            register_method(cls)
 
     def __init__(
         self,
@@ -107,37 +88,10 @@ class LoRAMethod(torch.optim.Optimizer):
         optimizer_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.pairs: list[LoraPair] = find_lora_pairs(model, adapter)
-        if self.needs_plain_lora:
-            require_plain_lora(self.pairs, self.name)
-        if self.two_pass or self.uses_rho:
-            frozen = [p.name for p in self.pairs if not (p.A.requires_grad and p.B.requires_grad)]
-            if frozen:
-                raise FlatLoraError(
-                    f"{self.name} perturbs LoRA factors that do not require grad ({frozen[0]}, ...): "
-                    "train the adapter with is_trainable=True / requires_grad_(True)"
-                )
-        if base_optimizer is not None and (optimizer_cls is not None or optimizer_kwargs):
-            given = "optimizer_cls" if optimizer_cls is not None else "optimizer_kwargs"
-            raise FlatLoraError(
-                f"{given} builds the base optimizer, but base_optimizer= is given and would ignore it: "
-                "set those options where you build base_optimizer, or drop base_optimizer="
-            )
-        if base_optimizer is None:
-            optimizer_cls = optimizer_cls or torch.optim.AdamW
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            if not trainable:
-                raise FlatLoraError("the model has no parameter that requires grad: load the adapter as trainable")
-            if not lr > 0:
-                raise FlatLoraError(f"lr must be > 0, got {lr}: pass a positive learning rate")
-            base_optimizer = optimizer_cls(trainable, lr=lr, **(optimizer_kwargs or {}))
-        self.base_optimizer = base_optimizer
-        in_optimizer = {id(p) for group in base_optimizer.param_groups for p in group["params"]}
-        missing = [p.name for p in self.pairs if p.A.requires_grad and id(p.A) not in in_optimizer]
-        if missing:
-            raise FlatLoraError(
-                f"the base optimizer does not hold the LoRA factors of {missing[0]}: "
-                "build it over the model's trainable parameters"
-            )
+        check_factors(self.pairs, self.name, plain_lora=self.needs_plain_lora, perturbs=self.two_pass or self.uses_rho)
+        self.base_optimizer = base_optimizer = build_base_optimizer(
+            model, self.pairs, base_optimizer, lr=lr, optimizer_cls=optimizer_cls, optimizer_kwargs=optimizer_kwargs
+        )
         self.schedule = RhoSchedule(rho, rho_schedule, rho_min, total_steps)
         # Optimizer.__init__ would register the base's groups a second time; __setstate__
         # sets up only the hook bookkeeping. param_groups is shared with the base (property).
@@ -176,7 +130,7 @@ class LoRAMethod(torch.optim.Optimizer):
             raise RuntimeError("step() called while the weights are perturbed: call restore() after the backward pass")
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         rho = self.rho
-        finite = _is_finite(grads)
+        finite = all_finite(grads)
         if finite:
             self._before_update(rho)
             self.base_optimizer.step()
@@ -352,16 +306,4 @@ class LoRAMethod(torch.optim.Optimizer):
         return mats[0::2], mats[1::2]
 
 
-def _register(cls: type[LoRAMethod]) -> None:
-    name = cls.__dict__.get("name")
-    if not isinstance(name, str) or not name:
-        raise TypeError(
-            f"method class {cls.__qualname__} sets no name: give it a class attribute name = '<method-name>' "
-            "(or define it with register=False if it is an abstract helper)"
-        )
-    if name in REGISTRY:
-        raise TypeError(f"method name {name!r} is taken by {REGISTRY[name].__qualname__}: choose another name")
-    REGISTRY[name] = cls
-
-
-_register(LoRAMethod)
+register_method(LoRAMethod)

@@ -8,8 +8,9 @@ import torch
 
 from flatlora import log_keys as keys
 from flatlora.errors import FlatLoraError
-from flatlora.methods.base import LossFn, RngSnapshot
+from flatlora.methods.base import LossFn
 from flatlora.methods.flat import FlatLoRA
+from flatlora.methods.rng import RngSnapshot
 from flatlora.perturbation import cosine
 
 EMA_KEY = "ema_perturbation"

@@ -97,7 +97,7 @@ def balancedness(source: nn.Module | str | Path | Mapping[str, torch.Tensor]) ->
         pairs = [(p.name.rsplit("[", 1)[0] if single else p.name, p.A, p.B) for p in found]
         return _result(pairs, "model")
     if isinstance(source, (str, Path)):
-        from flatlora.models import read_adapter_weights
+        from flatlora.adapters import read_adapter_weights
 
         return _result(_pairs_from_tensors(read_adapter_weights(source)), str(source))
     return _result(_pairs_from_tensors(source), "tensors")

@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
+from flatlora.console import ProgressBars, check_device, group_rank, init_distributed, quiet_transformers
 from flatlora.errors import FlatLoraError
 
 
@@ -37,96 +37,6 @@ def _examples(text: str) -> int | str:
     if value < 1:
         raise argparse.ArgumentTypeError(f"takes a whole number >= 1 or all, got {text!r}")
     return value
-
-
-def check_device(text: str | None) -> None:
-    """Refuse a --device torch cannot parse, or a CUDA device this torch or machine lacks, in one line."""
-    if text is None:
-        return
-    import torch
-
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise FlatLoraError(f"--device {text!r} is not a device: use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise FlatLoraError(f"--device {text}: this torch sees no CUDA device (a CPU build, or no GPU): use cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise FlatLoraError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif device.type not in ("cpu", "mps"):
-        raise FlatLoraError(f"--device {text}: flatlora measures on cpu or cuda")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise FlatLoraError(f"--device {text}: this torch has no MPS backend: use cpu")
-
-
-class ProgressBars:
-    """A tqdm bar per labelled task, for ``progress(done, total)`` callbacks; silent when disabled.
-
-    When stderr is not a terminal (a log file, CI, nohup), the rule of training's progress:
-    plain lines, one when a task starts, at each quarter and when it ends, instead of bars
-    redrawn with carriage returns.
-    """
-
-    def __init__(self, enabled: bool, plain: bool | None = None) -> None:
-        self.enabled = enabled
-        self.plain = (not sys.stderr.isatty()) if plain is None else plain
-
-    def __call__(self, label: str):
-        if not self.enabled:
-            return None
-        if self.plain:
-            return _plain_progress(label)
-        from tqdm.auto import tqdm
-
-        state: dict[str, Any] = {}
-
-        def update(done: int, total: int) -> None:
-            bar = state.get("bar")
-            if bar is None:
-                bar = state["bar"] = tqdm(total=total, desc=label, unit="step", leave=False, file=sys.stderr)
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-            if done >= total:
-                bar.close()
-
-        return update
-
-    def iterate(self, items: list, desc: str):
-        if not self.enabled:
-            return items
-        if self.plain:
-            return _plain_items(items, desc)
-        from tqdm.auto import tqdm
-
-        return tqdm(items, desc=desc, unit="adapter", file=sys.stderr)
-
-
-def _plain_progress(label: str):
-    state = {"quarter": -1}
-
-    def update(done: int, total: int) -> None:
-        quarter = 4 * done // max(total, 1)
-        if quarter > state["quarter"]:
-            state["quarter"] = quarter
-            print(f"{label}: {done}/{total}", file=sys.stderr, flush=True)
-
-    return update
-
-
-def _plain_items(items: list, desc: str):
-    for i, item in enumerate(items, start=1):
-        print(f"{desc}: {i}/{len(items)}: {getattr(item, 'name', item)}", file=sys.stderr, flush=True)
-        yield item
-
-
-def quiet_transformers() -> None:
-    """No weight-loading bars or load reports from transformers: the command shows its own progress."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 def _flatness_list(text: str) -> tuple[str, ...]:
@@ -177,8 +87,8 @@ def _report(args: argparse.Namespace) -> int:
         check_device(args.device)
         check_writable(args.out)
         if shard is None:
-            _init_distributed()  # under torchrun, the ranks split the adapters and rank 0 writes
-        rank = _rank()
+            init_distributed()  # under torchrun, the ranks split the adapters and rank 0 writes
+        rank = group_rank()
         bars = ProgressBars(args.progress and rank == 0)
         report = build_report(
             args.paths,
@@ -220,21 +130,6 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
             v = r.get(c)
             cells.append("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v))
         print("| " + " | ".join(cells) + " |")
-
-
-def _init_distributed() -> None:
-    """Join the process group torchrun / accelerate launch set up (gloo on CPU, nccl on GPU)."""
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def probe_data(args: argparse.Namespace):
@@ -279,7 +174,7 @@ def _landscape(args: argparse.Namespace) -> int:
         adapter_tensors(model, other)  # refuses an adapter of another base model before any work
     probe = build_target_probe(target, data, tokenizer, split=args.split, n=args.n, batch_size=args.batch_size)
     check_probe_fits(target, model, probe)
-    _init_distributed()
+    init_distributed()
     rank = int(os.environ.get("RANK", "0"))
     bars = ProgressBars(args.progress and rank == 0)
     from flatlora_analysis.landscape import stored_landscape

@@ -150,7 +150,7 @@ def load_model(
         FlatLoraError: a missing or damaged adapter, or an adapter that does not fit the base
             model (shape mismatch, missing target modules).
     """
-    from flatlora.models import load_adapter
+    from flatlora.adapters import load_adapter
 
     if not isinstance(target, Target):
         target = resolve_targets([target])[0]

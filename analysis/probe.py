@@ -20,10 +20,17 @@ from typing import Any
 import torch
 
 from flatlora.errors import FlatLoraError
+from flatlora_analysis.probe_build import (
+    SPLITS,
+    Batch,
+    batches_description,
+    data_parts,
+    dataset_parts,
+    run_parts,
+)
 
-Batch = dict[str, Any]
 LossFn = Callable[[Any, Batch], torch.Tensor]
-SPLITS = ("train", "dev", "test")
+__all__ = ["SPLITS", "WEIGHTINGS", "Batch", "LossFn", "ProbeSet", "batch_size_of", "scored_tokens", "takes_logits_mask"]
 WEIGHTINGS = ("examples", "tokens")
 
 
@@ -125,8 +132,7 @@ class ProbeSet:
             FlatLoraError: no batch, a batch that is not a dict, or no labels without ``loss_fn``.
         """
         batches = tuple(dict(b) for b in batches)
-        desc = {"source": "batches", **(description or {})}
-        return cls(batches, loss_fn, desc, weighting)
+        return cls(batches, loss_fn, batches_description(description), weighting)
 
     @classmethod
     def from_dataset(
@@ -139,18 +145,14 @@ class ProbeSet:
         description: dict[str, Any] | None = None,
         weighting: str = "examples",
     ) -> ProbeSet:
-        """The first ``n`` examples of ``dataset`` (all by default), batched by ``collate_fn``."""
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise FlatLoraError(f"n={n!r} probe examples is invalid: pass an integer >= 1, or None for all")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise FlatLoraError(f"batch_size={batch_size!r} is invalid: pass an integer >= 1")
-        count = len(dataset) if n is None else min(n, len(dataset))
-        if count == 0:
-            raise FlatLoraError("the probe set is empty: the split has no examples; choose another split")
-        examples = [dataset[i] for i in range(count)]
-        batches = [collate_fn(examples[i : i + batch_size]) for i in range(0, count, batch_size)]
-        desc = {"n": count, "batch_size": batch_size, **(description or {})}
-        return cls.from_batches(batches, description=desc, weighting=weighting)
+        """The first ``n`` examples of ``dataset`` (all by default), batched by ``collate_fn``.
+
+        See :func:`flatlora_analysis.probe_build.dataset_parts`.
+        """
+        parts = dataset_parts(
+            dataset, collate_fn, n=n, batch_size=batch_size, description=description, weighting=weighting
+        )
+        return cls.from_batches(parts.batches, description=parts.description, weighting=parts.weighting)
 
     @classmethod
     def from_data(
@@ -177,50 +179,14 @@ class ProbeSet:
         ``task="causal-lm"`` builds the batches training builds (prompt and padding -100 in
         ``labels``, EOS after each target, the chat template unless ``chat_template=False``), its
         loss the mean over every target token of the probe set; ``n`` counts (prompt, target) pairs.
+        See :func:`flatlora_analysis.probe_build.data_parts`.
         """
-        if task == "causal-lm":
-            return cls._from_causal_data(
-                data, tokenizer, split=split, n=n, batch_size=batch_size, max_length=max_length, shots=shots,
-                seed=seed, test_cap=test_cap, prompt_column=prompt_column, target_column=target_column,
-                text_column=text_column, chat_template=chat_template,
-            )  # fmt: skip
-        if task != "classification":
-            raise FlatLoraError(f"unknown task {task!r}: use classification or causal-lm")
-        from flatlora.data import TextClassificationCollator, cap_test, load_data, make_few_shot
-
-        columns = {k: v for k, v in (("text_column", text_column), ("label_column", label_column)) if v is not None}
-        splits = load_data(data, **columns)
-        if shots is not None:  # the run's few-shot sample (LM-BFF), rebuilt from its seed
-            splits = make_few_shot(splits, shots, seed, test_cap=test_cap)
-        elif "test" in splits:
-            splits = {**splits, "test": cap_test(splits["test"], test_cap)}
-        if split not in splits:
-            raise FlatLoraError(f"data {str(data)!r} has no {split!r} split (it has {', '.join(splits)}): pass --split")
-        desc = {"source": "data", "data": str(data), "split": split, "shots": shots, "seed": seed}
-        return cls.from_dataset(
-            splits[split],
-            TextClassificationCollator(tokenizer, max_length),
-            n=n,
-            batch_size=batch_size,
-            description=desc,
-        )
-
-    @classmethod
-    def _from_causal_data(cls, data, tokenizer, *, split, n, batch_size, max_length, shots, seed, test_cap,
-                          prompt_column, target_column, text_column, chat_template) -> ProbeSet:  # fmt: skip
-        from flatlora.data.causal import load_causal_data, make_causal_splits
-        from flatlora.data.lm_encode import CausalLMCollator, encode_dataset
-
-        splits = load_causal_data(data, prompt_column, target_column, text_column)
-        splits = make_causal_splits(splits, shots, seed, test_cap)
-        if split not in splits:
-            raise FlatLoraError(f"data {str(data)!r} has no {split!r} split (it has {', '.join(splits)}): pass --split")
-        encoded = encode_dataset(splits[split], tokenizer, max_length, chat_template=chat_template, split=split)
-        desc = {"source": "data", "data": str(data), "split": split, "shots": shots, "seed": seed, "task": "causal-lm"}
-        return cls.from_dataset(
-            encoded, CausalLMCollator(tokenizer.pad_token_id), n=n, batch_size=batch_size, description=desc,
-            weighting="tokens",
+        parts = data_parts(
+            data, tokenizer, split=split, n=n, batch_size=batch_size, max_length=max_length, shots=shots, seed=seed,
+            test_cap=test_cap, text_column=text_column, label_column=label_column, task=task,
+            prompt_column=prompt_column, target_column=target_column, chat_template=chat_template,
         )  # fmt: skip
+        return cls.from_batches(parts.batches, description=parts.description, weighting=parts.weighting)
 
     @classmethod
     def from_run(
@@ -234,49 +200,8 @@ class ProbeSet:
             n: the first n examples of the split; None for all of it.
             batch_size: examples per probe batch.
         """
-        from flatlora.models import resolve_model_path
-        from flatlora.runs import Run, load_run
-
-        run = run if isinstance(run, Run) else load_run(run)
-        if split not in SPLITS:
-            raise FlatLoraError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
-        data = run.info.get("data") or {}
-        if not data.get("spec"):
-            raise FlatLoraError(
-                f"{run.path}/run.json names no data spec: pass --data to say what to measure it on "
-                "(Python: ProbeSet.from_data or from_batches)"
-            )
-        if run.info.get("task") == "causal-lm":
-            from flatlora.causal_lm import load_causal_tokenizer
-
-            tokenizer = load_causal_tokenizer(run.info.get("model"), run.hparams.get("gguf_file"))
-            probe = cls.from_data(
-                data["spec"], tokenizer, split=split, n=n, batch_size=batch_size, task="causal-lm",
-                max_length=int(run.hparams.get("max_length", 128)), shots=data.get("shots"),
-                seed=int(data.get("seed", 13)), test_cap=data.get("test_cap"), text_column=data.get("text_column"),
-                prompt_column=data.get("prompt_column"), target_column=data.get("target_column"),
-                chat_template=bool(run.hparams.get("chat_template", True)),
-            )  # fmt: skip
-            return cls(probe.batches, None, {**probe.description, "source": "run", "run": str(run.path)}, "tokens")
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(run.info.get("model")))
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        probe = cls.from_data(
-            data["spec"],
-            tokenizer,
-            split=split,
-            n=n,
-            batch_size=batch_size,
-            max_length=int(run.hparams.get("max_length", 128)),
-            shots=data.get("shots"),
-            seed=int(data.get("seed", 13)),
-            test_cap=data.get("test_cap"),
-            text_column=data.get("text_column"),
-            label_column=data.get("label_column"),
-        )
-        return cls(probe.batches, None, {**probe.description, "source": "run", "run": str(run.path)})
+        parts = run_parts(run, split, n=n, batch_size=batch_size)
+        return cls(tuple(parts.batches), None, parts.description, parts.weighting)
 
     # -- use ---------------------------------------------------------------------------------
 

@@ -109,7 +109,7 @@ def check_data_task(target, task: str, data: ProbeData) -> None:
     """Refuse ``--data`` whose kind contradicts the target's task (in one line, naming the fix)."""
     if data.spec is None:
         return
-    from flatlora.experiment_lm import data_task
+    from flatlora.tasks.resolve import data_task
 
     wrong = (
         {"--label-column": data.label_column is not None}

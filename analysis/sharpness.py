@@ -29,10 +29,18 @@ from flatlora.errors import FlatLoraError
 from flatlora_analysis.guard import measuring
 from flatlora_analysis.objective import ModelObjective, Objective
 from flatlora_analysis.probe import ProbeSet
+from flatlora_analysis.registry import MEASURES
 from flatlora_analysis.results import Result
 from flatlora_analysis.spaces import build_space
 
 KINDS = ("sam", "worst", "average", "flat-lora")
+# the settings of sharpness() that apply to one kind only (a result of another kind does not record them)
+KIND_SETTINGS = {
+    "sam": (),
+    "worst": ("norm", "steps", "restarts"),
+    "average": ("samples",),
+    "flat-lora": ("flat_norm",),
+}
 NORMS = ("l2", "linf")
 Progress = Callable[[int, int], None]
 
@@ -276,18 +284,12 @@ def sharpness(
             raise FlatLoraError("kind='flat-lora' has no adaptive variant: pass adaptive=False")
         space = "b"
     space = space or "merged"
-    settings = {
-        "kind": kind,
-        "space": space,
-        "adaptive": adaptive,
-        "eta": eta if adaptive else None,
-        "n_examples": probe.n_examples,
-        **probe.weighting_settings(),
-        "seed": seed,
-    }
-    settings.update({"norm": norm, "steps": steps, "restarts": restarts} if kind == "worst" else {})
-    settings.update({"samples": samples} if kind == "average" else {})
-    settings.update({"flat_norm": flat_norm} if kind == "flat-lora" else {})
+    # a result records its own rho (_package), and of the settings of one kind only its own kind's
+    others = sorted({name for k, names in KIND_SETTINGS.items() if k != kind for name in names})
+    settings = MEASURES["sharpness"].record(
+        probe, leave_out=("rho", *others), kind=kind, space=space, adaptive=adaptive, eta=eta if adaptive else None,
+        norm=norm, steps=steps, restarts=restarts, samples=samples, flat_norm=flat_norm, seed=seed,
+    )  # fmt: skip
     results = []
     with measuring(model, device) as dev:
         sp = build_space(model, "lora" if kind == "flat-lora" else space)

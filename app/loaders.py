@@ -149,7 +149,7 @@ def generations(path: str, token: int, limit: int = 20) -> list[dict[str, Any]]:
     """The first ``limit`` saved generations of a causal-LM run (source, prediction, references)."""
     import json
 
-    from flatlora.experiment_lm import GENERATIONS_FILE
+    from flatlora.tasks.causal import GENERATIONS_FILE
 
     out = []
     file = Path(path) / GENERATIONS_FILE
@@ -169,7 +169,7 @@ def generations(path: str, token: int, limit: int = 20) -> list[dict[str, Any]]:
 
 
 def generations_token(path: str) -> int:
-    from flatlora.experiment_lm import GENERATIONS_FILE
+    from flatlora.tasks.causal import GENERATIONS_FILE
 
     file = Path(path) / GENERATIONS_FILE
     return file.stat().st_mtime_ns if file.exists() else 0

@@ -1,6 +1,6 @@
 """Lanczos runs in lockstep: one block product advances every run by one step.
 
-Each :class:`Lane` is an ordinary Lanczos run (:class:`~flatlora_analysis.hessian.lanczos._Lanczos`)
+Each :class:`Lane` is an ordinary Lanczos run (:class:`~flatlora_analysis.hessian.krylov.Lanczos`)
 on the operator or on one diagonal block of it (``index``: the coordinates of a layer; the
 block's product is the product of the vector padded with zeros, read back on ``index``).
 :func:`run_lockstep` stacks the current vector of every lane still running into a
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flatlora_analysis.hessian.lanczos import _check_ritz, _Lanczos, _ritz_pairs
+from flatlora_analysis.hessian.krylov import Lanczos, check_ritz, ritz_pairs
 from flatlora_analysis.hessian.operators import matmat
 
 
@@ -54,7 +54,7 @@ class Lane:
 
     def start(self, device: Any) -> None:
         dim = len(self.v0)
-        self.it = _Lanczos(SimpleNamespace(dim=dim, device=device), self.v0, self.generator)
+        self.it = Lanczos(SimpleNamespace(dim=dim, device=device), self.v0, self.generator)
         cap = self.steps if self.steps is not None else max(self.max_iter, self.min_steps)
         self._cap = min(cap, dim)
 
@@ -62,15 +62,15 @@ class Lane:
         self.it.feed(w)
         m = len(self.it.alpha)
         if self.steps is None and m >= self.k:
-            self._ritz = _check_ritz(self.it, self.k, self.which, self.tol)
+            self._ritz = check_ritz(self.it, self.k, self.which, self.tol)
             self.converged = self._ritz[4]
             self.done = self.converged and m >= self.min_steps
         self.done = self.done or m >= self._cap
 
     def eigen(self) -> tuple[list[float], list[float], list[torch.Tensor]]:
         """(values, error bounds, unit Ritz vectors in the lane's coordinates) of the k wanted values."""
-        theta, S, idx, errors, _ = self._ritz if self._ritz is not None else _check_ritz(self.it, 1, self.which, 1.0)
-        values, vectors = _ritz_pairs(self.it, theta, S, idx)
+        theta, S, idx, errors, _ = self._ritz if self._ritz is not None else check_ritz(self.it, 1, self.which, 1.0)
+        values, vectors = ritz_pairs(self.it, theta, S, idx)
         return values, list(np.asarray(errors, dtype=float)), vectors
 
     def tridiagonal(self, steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,77 +16,21 @@ import torch
 from torch import nn
 
 from flatlora.errors import FlatLoraError
+from flatlora.versions import package_versions
 from flatlora_analysis.guard import measuring
 from flatlora_analysis.hessian.density import broadened_density, slq
 from flatlora_analysis.hessian.lanczos import eigsh_eigenvalues, lanczos_eigenvalues, power_eigenvalues
 from flatlora_analysis.hessian.operator import HessianOperator
+from flatlora_analysis.hessian.result_types import DensityResult, EigenResult, LayerCurvatureResult, TraceResult
 from flatlora_analysis.hessian.trace import TRACE_METHODS, hutchinson, hutchpp
 from flatlora_analysis.objective import ModelObjective
 from flatlora_analysis.probe import ProbeSet
-from flatlora_analysis.results import Result
+from flatlora_analysis.registry import MEASURES
 from flatlora_analysis.spaces import build_space
 
 SOLVERS = ("lanczos", "eigsh", "power")
 BACKENDS = ("flatlora", "pyhessian")
 Progress = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class EigenResult(Result):
-    """Top eigenvalues of the Hessian in a space, descending; ``hvps`` products used."""
-
-    eigenvalues: np.ndarray
-    hvps: int
-    converged: bool
-    errors: np.ndarray = field(default_factory=lambda: np.empty(0))
-    settings: dict[str, Any] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
-    _arrays = ("eigenvalues", "errors")
-
-    @property
-    def lambda_max(self) -> float:
-        return float(self.eigenvalues[0])
-
-
-@dataclass(frozen=True)
-class TraceResult(Result):
-    """tr(H) in a space with its standard error."""
-
-    trace: float
-    stderr: float
-    hvps: int
-    converged: bool
-    settings: dict[str, Any] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class DensityResult(Result):
-    """SLQ nodes and weights (runs x steps) and the Gaussian-broadened density on ``grid``."""
-
-    nodes: np.ndarray
-    weights: np.ndarray
-    grid: np.ndarray
-    density: np.ndarray
-    sigma: float
-    hvps: int
-    settings: dict[str, Any] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
-    _arrays = ("nodes", "weights", "grid", "density")
-
-
-@dataclass(frozen=True)
-class LayerCurvatureResult(Result):
-    """Per layer (Hessian diagonal block): top eigenvalue and trace with its standard error."""
-
-    layers: list[str]
-    eigenvalues: np.ndarray
-    traces: np.ndarray
-    trace_stderr: np.ndarray
-    hvps: int
-    settings: dict[str, Any] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
-    _arrays = ("eigenvalues", "traces", "trace_stderr")
 
 
 def _check(choice: str, options: tuple[str, ...], what: str) -> None:
@@ -115,22 +58,6 @@ def hessian_operator(
             sp = sp.restrict(groups)
         with HessianOperator(ModelObjective(model, probe, sp, dev), hvp) as op:
             yield op
-
-
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    return {p: metadata.version(p) for p in ("torch", "transformers", "peft") if _installed(p)}
-
-
-def _installed(package: str) -> bool:
-    from importlib import metadata
-
-    try:
-        metadata.version(package)
-        return True
-    except metadata.PackageNotFoundError:
-        return False
 
 
 def top_eigenvalues(
@@ -180,18 +107,9 @@ def top_eigenvalues(
     _check(backend, BACKENDS, "backend")
     if tol is None:
         tol = 1e-3 if (solver == "power" or backend == "pyhessian") else 1e-5
-    settings = {
-        "k": k,
-        "space": space,
-        "tol": tol,
-        "which": which,
-        "solver": solver,
-        "backend": backend,
-        "max_iter": max_iter,
-        "seed": seed,
-        "n_examples": probe.n_examples,
-        **probe.weighting_settings(),
-    }
+    settings = MEASURES["top_eigenvalues"].record(
+        probe, k=k, space=space, tol=tol, which=which, solver=solver, backend=backend, max_iter=max_iter, seed=seed
+    )
     if backend == "pyhessian":
         from flatlora_analysis.hessian.pyhessian_backend import pyhessian_eigenvalues
 
@@ -211,7 +129,7 @@ def top_eigenvalues(
         est.converged,
         est.errors,
         settings,
-        {**meta, **est.meta, "iterations": est.iterations, "versions": _versions()},
+        {**meta, **est.meta, "iterations": est.iterations, "versions": package_versions()},
     )
 
 
@@ -246,16 +164,9 @@ def hessian_trace(
     """
     _check(method, TRACE_METHODS, "trace method")
     _check(backend, BACKENDS, "backend")
-    settings = {
-        "space": space,
-        "method": method,
-        "samples": samples,
-        "tol": tol,
-        "backend": backend,
-        "seed": seed,
-        "n_examples": probe.n_examples,
-        **probe.weighting_settings(),
-    }
+    settings = MEASURES["trace"].record(
+        probe, space=space, method=method, samples=samples, tol=tol, backend=backend, seed=seed
+    )
     if backend == "pyhessian":
         from flatlora_analysis.hessian.pyhessian_backend import pyhessian_trace
 
@@ -270,7 +181,12 @@ def hessian_trace(
             )
             meta = {**op.meta}
     return TraceResult(
-        est.trace, est.stderr, est.products, est.converged, settings, {**meta, **est.meta, "versions": _versions()}
+        est.trace,
+        est.stderr,
+        est.products,
+        est.converged,
+        settings,
+        {**meta, **est.meta, "versions": package_versions()},
     )
 
 
@@ -298,17 +214,9 @@ def spectral_density(
     calls ``torch.eig``, removed from torch; the result's meta says so.
     """
     _check(backend, BACKENDS, "backend")
-    settings = {
-        "space": space,
-        "steps": steps,
-        "runs": runs,
-        "sigma": sigma,
-        "points": points,
-        "seed": seed,
-        "n_examples": probe.n_examples,
-        **probe.weighting_settings(),
-        "backend": backend,
-    }
+    settings = MEASURES["density"].record(
+        probe, space=space, steps=steps, runs=runs, sigma=sigma, points=points, backend=backend, seed=seed
+    )
     with hessian_operator(model, probe, space, hvp=hvp, device=device) as op:
         op.progress, op.budget = progress, steps * runs
         quad = slq(op, steps, runs, seed=seed, batched=batched)
@@ -324,7 +232,7 @@ def spectral_density(
         used_sigma,
         quad.products,
         settings,
-        {**meta, **quad.meta, "versions": _versions()},
+        {**meta, **quad.meta, "versions": package_versions()},
     )
 
 
@@ -347,16 +255,15 @@ def layer_curvature(
     Costs one eigenvalue and one trace run per layer; each product is a full backward pass.
     """
     _check(trace_method, TRACE_METHODS, "trace method")
-    settings = {
-        "space": space,
-        "tol": tol,
-        "trace_samples": trace_samples,
-        "trace_method": trace_method,
-        "max_iter": max_iter,
-        "seed": seed,
-        "n_examples": probe.n_examples,
-        **probe.weighting_settings(),
-    }
+    settings = MEASURES["layers"].record(
+        probe,
+        space=space,
+        tol=tol,
+        trace_samples=trace_samples,
+        trace_method=trace_method,
+        max_iter=max_iter,
+        seed=seed,
+    )
     with measuring(model, device) as dev:
         full = build_space(model, space)
         layers = full.groups
@@ -381,5 +288,5 @@ def layer_curvature(
                 progress(i + 1, len(layers))
     meta.pop("dim", None)
     return LayerCurvatureResult(
-        layers, np.array(eig), np.array(tr), np.array(se), hvps, settings, {**meta, "versions": _versions()}
+        layers, np.array(eig), np.array(tr), np.array(se), hvps, settings, {**meta, "versions": package_versions()}
     )

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 
-from flatlora_analysis.hessian.lanczos import EigenEstimate, _estimate, _verify, check_eigen_request
+from flatlora_analysis.hessian.krylov import EigenEstimate, check_eigen_request, eigen_estimate, verify_top_k
 from flatlora_analysis.hessian.lockstep import Lane, run_lockstep
 from flatlora_analysis.hessian.operators import matmat, random_vectors
 from flatlora_analysis.hessian.trace import TraceEstimate, _stats
@@ -138,9 +138,9 @@ def shared_curvature(
     checks = extra = 0
     if verify and top.converged:
         before = op.n_products
-        checks, extra = _verify(op, values, errors, vectors, k, which, tol, max_iter, generator)
+        checks, extra = verify_top_k(op, values, errors, vectors, k, which, tol, max_iter, generator)
         calls += op.n_products - before
-    eigen = _estimate(
+    eigen = eigen_estimate(
         values,
         errors,
         vectors,

@@ -18,24 +18,16 @@ import torch
 from torch import nn
 
 from flatlora.errors import FlatLoraError
+from flatlora.versions import package_versions
 from flatlora_analysis.guard import measuring
 from flatlora_analysis.hessian.density import broadened_density
-from flatlora_analysis.hessian.measures import (
-    DensityResult,
-    EigenResult,
-    LayerCurvatureResult,
-    Progress,
-    TraceResult,
-    _versions,
-    hessian_trace,
-    layer_curvature,
-    spectral_density,
-    top_eigenvalues,
-)
+from flatlora_analysis.hessian.measures import Progress
 from flatlora_analysis.hessian.operator import HessianOperator
+from flatlora_analysis.hessian.result_types import DensityResult, EigenResult, LayerCurvatureResult, TraceResult
 from flatlora_analysis.hessian.shared import shared_curvature
 from flatlora_analysis.objective import ModelObjective
 from flatlora_analysis.probe import ProbeSet
+from flatlora_analysis.registry import MEASURES
 from flatlora_analysis.results import Result
 from flatlora_analysis.spaces import build_space
 
@@ -118,11 +110,10 @@ def curvature(
         raise FlatLoraError("data-parallel products run on the shared Hessian engine: drop --hessian-engine reference")
     if engine == "shared" and layers and not trace_samples:
         raise FlatLoraError("the shared engine reads per-layer traces off the trace's products: set trace_samples >= 6")
-    settings = {
-        "space": space, "k": k, "tol": tol, "trace_samples": trace_samples, "density_steps": density_steps,
-        "density_runs": density_runs, "layers": layers, "layer_trace_samples": layer_trace_samples,
-        "engine": engine, "seed": seed, "n_examples": probe.n_examples, **probe.weighting_settings(),
-    }  # fmt: skip
+    settings = MEASURES["curvature"].record(
+        probe, space=space, k=k, tol=tol, trace_samples=trace_samples, density_steps=density_steps,
+        density_runs=density_runs, layers=layers, layer_trace_samples=layer_trace_samples, engine=engine, seed=seed,
+    )  # fmt: skip
     if engine == "reference":
         parts = _reference(model, probe, space, settings, device, progress)
         shares: dict[str, str] = {}
@@ -138,21 +129,46 @@ def curvature(
             meta["data_parallel"] = {"ranks": world}
     hvps = sum(p.hvps for p in parts.values())
     dicts = {name: parts[name].to_dict() if name in parts else None for name in PARTS}
-    return CurvatureResult(**dicts, shares=shares, hvps=hvps, settings=settings, meta={**meta, "versions": _versions()})
+    return CurvatureResult(
+        **dicts, shares=shares, hvps=hvps, settings=settings, meta={**meta, "versions": package_versions()}
+    )
+
+
+def reference_calls(space: str, s: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What the reference engine asks of each measure: part (its registry name) -> the settings given.
+
+    The shared engine's parts record the settings these calls record (:func:`_recorded`), so
+    a part reads the same whichever engine computed it.
+
+    Args:
+        space: the Hessian's space.
+        s: the settings of :func:`curvature` (``k``, ``tol``, ``trace_samples``, ...).
+
+    Returns:
+        The asked parts in the order they run, each with the settings its measure is called with.
+    """
+    common = {"space": space, "seed": s["seed"]}
+    calls = {"top_eigenvalues": {"k": s["k"], "tol": s["tol"], **common}}
+    if s["trace_samples"]:
+        calls["trace"] = {"samples": s["trace_samples"], "batched": False, **common}
+    if s["density_steps"]:
+        calls["density"] = {"steps": s["density_steps"], "runs": s["density_runs"], "batched": False, **common}
+    if s["layers"]:
+        calls["layers"] = {"tol": s["tol"], "trace_samples": s["layer_trace_samples"], **common}
+    return calls
 
 
 def _reference(model, probe, space, s, device, progress) -> dict[str, Result]:
-    common = {"space": space, "seed": s["seed"], "device": device, "progress": progress}
-    parts: dict[str, Result] = {"top_eigenvalues": top_eigenvalues(model, probe, s["k"], tol=s["tol"], **common)}
-    if s["trace_samples"]:
-        parts["trace"] = hessian_trace(model, probe, samples=s["trace_samples"], batched=False, **common)
-    if s["density_steps"]:
-        parts["density"] = spectral_density(
-            model, probe, steps=s["density_steps"], runs=s["density_runs"], batched=False, **common
-        )
-    if s["layers"]:
-        parts["layers"] = layer_curvature(model, probe, tol=s["tol"], trace_samples=s["layer_trace_samples"], **common)
-    return parts
+    where = {"device": device, "progress": progress}
+    return {
+        part: MEASURES[part].compute(model, probe, given, **where) for part, given in reference_calls(space, s).items()
+    }
+
+
+def _recorded(probe: ProbeSet, part: str, given: dict[str, Any], **shared: Any) -> dict[str, Any]:
+    """The settings the reference engine's ``part`` records for the call ``given`` (``shared``: what differs)."""
+    m = MEASURES[part]
+    return m.record(probe, **m.complete(**{**given, **shared}))
 
 
 def _layer_indices(space) -> tuple[list[str], list[torch.Tensor]]:
@@ -190,16 +206,15 @@ def _shared(model, probe, space, s, block_size, device, progress, reduce=None):
             )  # fmt: skip
             op_meta = {key: v for key, v in op.meta.items() if key != "dim"}
             calls = op.n_calls
-    common = {"space": space, "seed": s["seed"], "n_examples": s["n_examples"], **probe.weighting_settings()}
-    meta = {**op_meta, "engine": "shared", "block_products": calls, "versions": _versions()}
+    asked = reference_calls(space, s)
+    meta = {**op_meta, "engine": "shared", "block_products": calls, "versions": package_versions()}
     if s["layers"]:
         meta["layer_products"] = layer_products
     eig = found.eigen
     parts: dict[str, Result] = {
         "top_eigenvalues": EigenResult(
             eig.eigenvalues, eig.products, eig.converged, eig.errors,
-            {"k": s["k"], **common, "tol": s["tol"], "which": "algebraic", "solver": "lanczos", "backend": "flatlora",
-             "max_iter": None},
+            _recorded(probe, "top_eigenvalues", asked["top_eigenvalues"]),
             {**meta, **eig.meta, "iterations": eig.iterations},
         )
     }  # fmt: skip
@@ -207,23 +222,21 @@ def _shared(model, probe, space, s, block_size, device, progress, reduce=None):
         t = found.trace
         parts["trace"] = TraceResult(
             t.trace, t.stderr, t.products, t.converged,
-            {**common, "method": "hutch++", "samples": s["trace_samples"], "tol": None, "backend": "flatlora"},
+            _recorded(probe, "trace", asked["trace"]),
             {**meta, **t.meta},
         )  # fmt: skip
     if found.nodes is not None:
         grid, density, sigma = broadened_density(found.nodes, found.weights)
         parts["density"] = DensityResult(
             found.nodes, found.weights, grid, density, sigma, found.products["density"],
-            {**common, "steps": s["density_steps"], "runs": s["density_runs"], "sigma": None, "points": 512,
-             "backend": "flatlora"},
+            _recorded(probe, "density", asked["density"]),
             {**meta, "steps": s["density_steps"], "runs": s["density_runs"], "run_1": "top_eigenvalues' Lanczos run"},
         )  # fmt: skip
     if found.layer_eigenvalues is not None:
         parts["layers"] = LayerCurvatureResult(
             names, found.layer_eigenvalues, found.layer_traces, found.layer_stderr,
             found.products["layers"],
-            {**common, "tol": s["tol"], "trace_samples": s["layer_trace_samples"], "trace_method": "shared",
-             "max_iter": None},
+            _recorded(probe, "layers", asked["layers"], trace_method="shared"),
             {**meta, "trace_samples_used": found.products.get("trace")},
         )  # fmt: skip
     return parts, found.shares, meta

@@ -136,7 +136,7 @@ def _scaling(config: dict) -> float:
 
 def adapter_tensors(model: nn.Module, folder: str | Path) -> dict[str, torch.Tensor]:
     """Another adapter's tensors keyed by this model's parameter names; refuses another base or shape."""
-    from flatlora.models import read_adapter_weights
+    from flatlora.adapters import read_adapter_weights
 
     tensors = read_adapter_weights(folder)
     mapping = saved_key_map(model)

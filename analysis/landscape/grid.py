@@ -25,6 +25,7 @@ from flatlora.errors import FlatLoraError
 from flatlora_analysis.guard import measuring
 from flatlora_analysis.landscape import directions as dirs
 from flatlora_analysis.probe import ProbeSet
+from flatlora_analysis.registry import MEASURES
 from flatlora_analysis.results import Result
 from flatlora_analysis.spaces import build_space
 
@@ -164,16 +165,10 @@ def landscape_1d(
         axes = dirs.space_axes(sp, d)
         z = evaluate_points(model, probe.to(dev), axes, [(a, 0.0) for a in x], progress)
         clean = float(z[len(x) // 2])  # the origin is on the grid: its value is the clean loss, exactly
-    settings = {
-        "steps": len(x),
-        "span": span,
-        "space": space,
-        "seed": seed,
-        "filter_normalize": filter_normalize,
-        "n_examples": probe.n_examples,
-        **probe.weighting_settings(),
-        "direction": "given" if direction is not None else "gaussian",
-    }
+    settings = MEASURES["landscape_1d"].record(
+        probe, leave_out=("direction",), extra={"direction": "given" if direction is not None else "gaussian"},
+        steps=len(x), span=span, space=space, seed=seed, filter_normalize=filter_normalize,
+    )  # fmt: skip
     return LandscapeResult("1d", x, z, clean, settings=settings, meta=_meta(axes, start, len(x)))
 
 
@@ -226,17 +221,11 @@ def landscape_2d(
         points = [(a, b) for a in x for b in x]
         z = evaluate_points(model, probe.to(dev), axes, points, progress).reshape(len(x), len(x))
         clean = float(z[len(x) // 2, len(x) // 2])  # the origin's value is the clean loss, exactly
-    settings = {
-        "steps": len(x),
-        "span": span,
-        "space": space,
-        "seed": seed,
-        "n_examples": probe.n_examples,
-        **probe.weighting_settings(),
-        "filter_normalize": filter_normalize if pca is None else None,
-        "plane": "pca" if pca is not None else "gaussian",
-        "pca_run": None if pca is None else str(pca),
-    }
+    plane = {"plane": "pca" if pca is not None else "gaussian", "pca_run": None if pca is None else str(pca)}
+    settings = MEASURES["landscape_2d"].record(
+        probe, leave_out=("pca",), extra=plane, steps=len(x), span=span, space=space, seed=seed,
+        filter_normalize=filter_normalize if pca is None else None,
+    )  # fmt: skip
     return LandscapeResult(
         "pca" if pca is not None else "2d",
         x,
@@ -282,12 +271,8 @@ def interpolate(
         z = evaluate_points(model, probe_dev, axes, [(a, 0.0) for a in t], progress)
         # t = 0 is this adapter itself when going to another; from the base model, t = 1 is it up to rounding.
         clean = float(z[k]) if other is not None else _clean_loss(model, probe_dev)
-    settings = {
-        "steps": steps,
-        "extend": extend,
-        "other": None if other is None else str(other),
-        "from": "base model" if other is None else "this adapter",
-        "n_examples": probe.n_examples,
-        **probe.weighting_settings(),
-    }
+    settings = MEASURES["interpolation"].record(
+        probe, extra={"from": "base model" if other is None else "this adapter"},
+        other=None if other is None else str(other), steps=steps, extend=extend,
+    )  # fmt: skip
     return LandscapeResult("interpolation", t, z, clean, settings=settings, meta=_meta(axes, start, len(t)))

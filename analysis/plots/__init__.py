@@ -1,16 +1,12 @@
 """Figure builders: plotly for the app, the HTML report and notebooks; matplotlib twins for PNGs."""
 
 from flatlora_analysis.plots.figures import (
-    balance_figure,
     correlation_scatter_figure,
     curvature_bars_figure,
     density_figure,
-    ema_error_figure,
-    history_figure,
     landscape_1d_figure,
     landscape_2d_figure,
     layer_bars_figure,
-    realized_norm_figure,
     sharpness_bars_figure,
 )
 from flatlora_analysis.plots.png import (
@@ -33,6 +29,7 @@ from flatlora_analysis.plots.study import (
     realized_ratio_figure,
     realized_ratio_png,
 )
+from flatlora_analysis.plots.training import balance_figure, ema_error_figure, history_figure, realized_norm_figure
 
 __all__ = [
     "balance_figure",

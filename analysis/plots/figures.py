@@ -1,6 +1,7 @@
-"""plotly figure builders: a result in, a ``plotly.graph_objects.Figure`` out.
+"""plotly figure builders of measures (landscapes, curvature, sharpness, correlation): a result in, a figure out.
 
-One set of builders serves the HTML report, the dashboard and the notebooks. No file I/O and
+One set of builders serves the HTML report, the dashboard and the notebooks (the figures over
+training are :mod:`flatlora_analysis.plots.training`). No file I/O and
 no Streamlit here. Builders take result objects or their ``to_dict()`` form, and report
 entries (dicts) where several runs are compared. Grids follow the convention of
 ``flatlora_analysis.landscape``: ``z[i, j]`` is the value at ``(x[i], y[j])``; plotly draws
@@ -16,24 +17,13 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from flatlora_analysis.results import Result
-
-PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf")
-
-
-def _obj(value: Any) -> Any:
-    return Result.from_dict(value) if isinstance(value, dict) and "type" in value else value
-
-
-def color_for(label: str, labels: Sequence[str]) -> str:
-    """The colour of ``label`` among ``labels``: by sorted position, so every figure of one set agrees."""
-    return PALETTE[sorted(set(labels)).index(label) % len(PALETTE)]
-
-
-def _layout(fig: go.Figure, title: str, x: str, y: str) -> go.Figure:
-    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, template="plotly_white", legend_title_text="")
-    return fig
-
+from flatlora_analysis.plots.style import (
+    apply_layout,
+    axis_labels,
+    color_for,
+    correlation_title,
+    result_object,
+)
 
 # ----------------------------------------------------------------------------- landscapes
 
@@ -43,7 +33,7 @@ def landscape_1d_figure(curves: Mapping[str, Any], title: str = "Loss along a di
     fig = go.Figure()
     labels = list(curves)
     for label, result in curves.items():
-        r = _obj(result)
+        r = result_object(result)
         color = color_for(label, labels)
         fig.add_trace(go.Scatter(x=np.asarray(r.x), y=np.asarray(r.z), mode="lines", name=label, line={"color": color}))
         fig.add_trace(
@@ -56,12 +46,12 @@ def landscape_1d_figure(curves: Mapping[str, Any], title: str = "Loss along a di
                 name=f"{label} (clean)",
             )
         )
-    return _layout(fig, title, "step along the direction (t)", "loss")
+    return apply_layout(fig, title, "step along the direction (t)", "loss")
 
 
 def landscape_2d_figure(result: Any, title: str = "Loss landscape") -> go.Figure:
     """Surface and contour side by side; a trajectory (if the result has one) drawn on the contour."""
-    r = _obj(result)
+    r = result_object(result)
     x, y, z = np.asarray(r.x), np.asarray(r.y), np.asarray(r.z)
     fig = make_subplots(
         rows=1, cols=2, specs=[[{"type": "surface"}, {"type": "xy"}]], subplot_titles=("surface", "contour")
@@ -107,20 +97,13 @@ def landscape_2d_figure(result: Any, title: str = "Loss landscape") -> go.Figure
             row=1,
             col=2,
         )
-    xl, yl = _axis_labels(r)
+    xl, yl = axis_labels(r)
     fig.update_xaxes(title_text=xl, row=1, col=2)
     fig.update_yaxes(title_text=yl, row=1, col=2)
     fig.update_layout(
         title=title, template="plotly_white", scene={"xaxis_title": xl, "yaxis_title": yl, "zaxis_title": "loss"}
     )
     return fig
-
-
-def _axis_labels(r: Any) -> tuple[str, str]:
-    ratio = getattr(r, "explained_variance", None)
-    if ratio is not None and len(ratio) >= 2:
-        return f"PC1 ({100 * ratio[0]:.1f}% of variance)", f"PC2 ({100 * ratio[1]:.1f}% of variance)"
-    return "direction 1 (alpha)", "direction 2 (beta)"
 
 
 # ----------------------------------------------------------------------------- curvature
@@ -131,7 +114,7 @@ def density_figure(densities: Mapping[str, Any], title: str = "Hessian spectral 
     fig = go.Figure()
     labels = list(densities)
     for label, result in densities.items():
-        r = _obj(result)
+        r = result_object(result)
         fig.add_trace(
             go.Scatter(
                 x=np.asarray(r.grid),
@@ -142,7 +125,7 @@ def density_figure(densities: Mapping[str, Any], title: str = "Hessian spectral 
             )
         )
     fig.update_yaxes(type="log")
-    return _layout(fig, title, "eigenvalue", "density")
+    return apply_layout(fig, title, "eigenvalue", "density")
 
 
 def layer_bars_figure(layers: Mapping[str, Any], title: str = "Per-layer top eigenvalue") -> go.Figure:
@@ -150,11 +133,11 @@ def layer_bars_figure(layers: Mapping[str, Any], title: str = "Per-layer top eig
     fig = go.Figure()
     labels = list(layers)
     for label, result in layers.items():
-        r = _obj(result)
+        r = result_object(result)
         names = [name.removeprefix("base_model.model.") for name in r.layers]
         fig.add_trace(go.Bar(x=names, y=np.asarray(r.eigenvalues), name=label, marker_color=color_for(label, labels)))
     fig.update_layout(barmode="group")
-    return _layout(fig, title, "layer", "lambda_max of the layer's Hessian block")
+    return apply_layout(fig, title, "layer", "lambda_max of the layer's Hessian block")
 
 
 # ----------------------------------------------------------------------------- report entries
@@ -180,7 +163,7 @@ def sharpness_bars_figure(entries: Sequence[dict[str, Any]], title: str = "Sharp
             )
         )
     fig.update_layout(barmode="group")
-    return _layout(fig, title, "measure", "loss increase")
+    return apply_layout(fig, title, "measure", "loss increase")
 
 
 def curvature_bars_figure(entries: Sequence[dict[str, Any]], title: str = "Hessian: lambda_max and trace"):
@@ -215,136 +198,7 @@ def curvature_bars_figure(entries: Sequence[dict[str, Any]], title: str = "Hessi
     return fig
 
 
-# ----------------------------------------------------------------------------- over training
-
-
-def history_figure(
-    histories: Mapping[str, Sequence[dict[str, Any]]],
-    key: str = "loss",
-    title: str | None = None,
-    y_title: str | None = None,
-) -> go.Figure:
-    """One logged quantity (``loss``, ``balancedness``, ``t2_rel_error``, ...) over steps, one line per run."""
-    fig = go.Figure()
-    labels = list(histories)
-    for label, records in histories.items():
-        points = [(r["step"], r[key]) for r in records if r.get(key) is not None and "step" in r]
-        if points:
-            xs, ys = zip(*points)
-            fig.add_trace(
-                go.Scatter(x=xs, y=ys, mode="lines+markers", name=label, line={"color": color_for(label, labels)})
-            )
-    return _layout(fig, title or f"{key} over training", "step", y_title or key)
-
-
-def realized_norm_figure(
-    histories: Mapping[str, Sequence[dict[str, Any]]],
-    title: str = "Realized perturbation norm ||s eps_B A|| against rho",
-) -> go.Figure:
-    """The full-space norm of each step's perturbation (solid) against that step's rho (dashed).
-
-    EFlat-LoRA applies an average of past perturbations, which is shorter than rho; the
-    hover text and the legend give the mean ratio realized / rho, so the shortfall is read off.
-    """
-    fig = go.Figure()
-    labels = list(histories)
-    for label, records in histories.items():
-        points = [
-            (r["step"], r["realized_norm"], r.get("rho"))
-            for r in records
-            if r.get("realized_norm") is not None and "step" in r
-        ]
-        if not points:
-            continue
-        steps, norms, rhos = zip(*points)
-        color = color_for(label, labels)
-        ratios = [n / r for n, r in zip(norms, rhos) if r]
-        mean_ratio = float(np.mean(ratios)) if ratios else float("nan")
-        fig.add_trace(
-            go.Scatter(
-                x=steps,
-                y=norms,
-                mode="lines+markers",
-                line={"color": color},
-                name=f"{label}: realized (mean {100 * mean_ratio:.0f}% of rho)",
-                customdata=np.array(ratios if len(ratios) == len(norms) else [np.nan] * len(norms)),
-                hovertemplate="step %{x}<br>norm %{y:.4g}<br>%{customdata:.1%} of rho",
-            )
-        )
-        if any(r is not None for r in rhos):
-            fig.add_trace(
-                go.Scatter(x=steps, y=rhos, mode="lines", line={"color": color, "dash": "dash"}, name=f"{label}: rho")
-            )
-    return _layout(fig, title, "step", "norm in the full weight space")
-
-
-def ema_error_figure(series: Mapping[str, Any], title: str = "Theorem 2: EMA vs exact Flat-LoRA perturbation"):
-    """||e_bar - eps_B|| / ||eps_B|| and the cosine over steps, one line per label."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("relative error", "cosine"))
-    labels = list(series)
-    for label, result in series.items():
-        r = _obj(result)
-        color = color_for(label, labels)
-        fig.add_trace(
-            go.Scatter(
-                x=np.asarray(r.steps),
-                y=np.asarray(r.rel_error),
-                mode="lines+markers",
-                name=label,
-                line={"color": color},
-            ),
-            row=1,
-            col=1,
-        )
-        fig.add_trace(
-            go.Scatter(
-                x=np.asarray(r.steps),
-                y=np.asarray(r.cosine),
-                mode="lines+markers",
-                name=label,
-                line={"color": color},
-                showlegend=False,
-            ),
-            row=1,
-            col=2,
-        )
-    fig.update_xaxes(title_text="step")
-    fig.update_layout(title=title, template="plotly_white")
-    return fig
-
-
-def balance_figure(trajectories: Mapping[str, Any], title: str = "Balancedness sum ||A||^2 - ||B||^2") -> go.Figure:
-    """The summed balancedness over a run's saved trajectory, one line per label."""
-    fig = go.Figure()
-    labels = list(trajectories)
-    for label, result in trajectories.items():
-        r = _obj(result)
-        fig.add_trace(
-            go.Scatter(
-                x=np.asarray(r.steps),
-                y=np.asarray(r.total),
-                mode="lines+markers",
-                name=label,
-                line={"color": color_for(label, labels)},
-            )
-        )
-    return _layout(fig, title, "step", "||A||^2 - ||B||^2")
-
-
 # ----------------------------------------------------------------------------- correlation
-
-
-def correlation_title(measure: str, target: str, correlation: Any = None) -> str:
-    """``target vs measure``, with the Kendall tau and granulated Psi of an already computed ``correlation``."""
-    title = f"{target} vs {measure}"
-    if correlation is None:
-        return title
-    c = correlation.to_dict() if hasattr(correlation, "to_dict") else correlation
-    tau, psi = (c.get(k) or {} for k in ("kendall", "granulated"))
-    if tau.get("value") is not None:
-        title += f" (Kendall tau = {tau['value']:.2f}"
-        title += f", granulated Psi = {psi['value']:.2f})" if psi.get("value") is not None else ")"
-    return title
 
 
 def correlation_scatter_figure(
@@ -379,4 +233,4 @@ def correlation_scatter_figure(
                 marker={"size": 10, "color": color_for(method, methods)},
             )
         )
-    return _layout(fig, correlation_title(measure, target, correlation), measure, target)
+    return apply_layout(fig, correlation_title(measure, target, correlation), measure, target)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from flatlora_analysis.plots.figures import PALETTE, _obj, color_for, correlation_title
+from flatlora_analysis.plots.style import PALETTE, color_for, correlation_title, result_object
 
 
 def _figure(cols: int = 1, width: float = 6.4, height: float = 4.2) -> tuple[Figure, list]:
@@ -26,7 +26,7 @@ def landscape_1d_png(curves: Mapping[str, Any], title: str = "Loss along a direc
     fig, (ax,) = _figure()
     labels = list(curves)
     for label, result in curves.items():
-        r = _obj(result)
+        r = result_object(result)
         color = color_for(label, labels)
         ax.plot(np.asarray(r.x), np.asarray(r.z), color=color, label=label)
         ax.plot([0.0], [r.clean_loss], "o", color=color)
@@ -38,15 +38,15 @@ def landscape_1d_png(curves: Mapping[str, Any], title: str = "Loss along a direc
 
 def landscape_2d_png(result: Any, title: str = "Loss landscape") -> Figure:
     """A 3-D surface and a filled map with contour lines (and the trajectory, if any)."""
-    from flatlora_analysis.plots.figures import _axis_labels
+    from flatlora_analysis.plots.style import axis_labels
 
-    r = _obj(result)
+    r = result_object(result)
     x, y, z = np.asarray(r.x), np.asarray(r.y), np.asarray(r.z)
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     ax3 = fig.add_subplot(1, 2, 1, projection="3d")
     X, Y = np.meshgrid(x, y)  # X[row, col] = x[col], Y[row, col] = y[row]
     ax3.plot_surface(X, Y, z.T, cmap="viridis", linewidth=0)
-    xl, yl = _axis_labels(r)
+    xl, yl = axis_labels(r)
     ax3.set(xlabel=xl, ylabel=yl, zlabel="loss")
     ax = fig.add_subplot(1, 2, 2)
     mesh = ax.pcolormesh(x, y, z.T, shading="nearest", cmap="viridis")
@@ -67,7 +67,7 @@ def density_png(densities: Mapping[str, Any], title: str = "Hessian spectral den
     fig, (ax,) = _figure()
     labels = list(densities)
     for label, result in densities.items():
-        r = _obj(result)
+        r = result_object(result)
         ax.semilogy(
             np.asarray(r.grid), np.maximum(np.asarray(r.density), 1e-12), color=color_for(label, labels), label=label
         )
@@ -81,7 +81,7 @@ def layer_bars_png(layers: Mapping[str, Any], title: str = "Per-layer top eigenv
     labels = list(layers)
     width = 0.8 / max(len(labels), 1)
     for k, (label, result) in enumerate(layers.items()):
-        r = _obj(result)
+        r = result_object(result)
         pos = np.arange(len(r.layers)) + k * width
         ax.bar(pos, np.asarray(r.eigenvalues), width, color=color_for(label, labels), label=label)
         ax.set_xticks(
@@ -134,7 +134,7 @@ def ema_error_png(series: Mapping[str, Any], title: str = "Theorem 2: EMA vs exa
     fig, (a1, a2) = _figure(cols=2)
     labels = list(series)
     for label, result in series.items():
-        r = _obj(result)
+        r = result_object(result)
         color = color_for(label, labels)
         a1.plot(np.asarray(r.steps), np.asarray(r.rel_error), "-o", markersize=3, color=color, label=label)
         a2.plot(np.asarray(r.steps), np.asarray(r.cosine), "-o", markersize=3, color=color, label=label)
@@ -149,7 +149,7 @@ def balance_png(trajectories: Mapping[str, Any], title: str = "Balancedness ||A|
     fig, (ax,) = _figure()
     labels = list(trajectories)
     for label, result in trajectories.items():
-        r = _obj(result)
+        r = result_object(result)
         ax.plot(
             np.asarray(r.steps), np.asarray(r.total), "-o", markersize=3, color=color_for(label, labels), label=label
         )

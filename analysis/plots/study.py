@@ -22,7 +22,7 @@ import plotly.graph_objects as go
 from matplotlib.figure import Figure
 from plotly.subplots import make_subplots
 
-from flatlora_analysis.plots.figures import _layout, color_for
+from flatlora_analysis.plots.style import apply_layout, color_for
 
 Histories = Sequence[Sequence[dict[str, Any]]]
 
@@ -74,7 +74,7 @@ def realized_ratio_figure(
             )
         )  # fmt: skip
     fig.add_hline(y=1.0, line_dash="dot", line_color="#555")
-    return _layout(fig, title, "step", "realized norm / rho")
+    return apply_layout(fig, title, "step", "realized norm / rho")
 
 
 def realized_ratio_png(groups: Mapping[str, Histories], title: str = "Realized perturbation norm / rho") -> Figure:

@@ -25,9 +25,11 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/flatlora demo
 
+# the fast tier: units, algorithms, refusals, one tiny CLI run of each method, the store and the report
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# both tiers: adds the tests marked slow (notebooks, demos, real SmolLM2, browser, torchrun/DDP, kill-and-resume, Java)
 test-all: $(STAMP)
 	FLATLORA_SLOW=1 $(BIN)/python -m pytest -q
 

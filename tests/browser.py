@@ -95,6 +95,34 @@ def wait_for_chart(browser, timeout: float = 120.0) -> None:
     WebDriverWait(browser, timeout).until(ec.presence_of_element_located((By.CSS_SELECTOR, ".js-plotly-plot")))
 
 
+def assert_pages_render(runs_dir: str | Path, pages: list[tuple[str, str, str]], artifacts: Path) -> None:
+    """Open each ``(page, text, png)`` of ``flatlora app RUNS_DIR`` in headless Chromium and check it renders.
+
+    Each page must draw a Plotly chart, show ``text``, raise no Streamlit exception, and leave a
+    screenshot ``artifacts/png`` of more than 10 kB. Skips the calling test where no browser is installed.
+    """
+    import pytest
+
+    reason = missing_browser()
+    if reason:
+        pytest.skip(reason)
+    pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    artifacts.mkdir(parents=True, exist_ok=True)
+    with serve_app(runs_dir) as url, headless_chromium() as browser:
+        for page, text, png in pages:
+            browser.get(f"{url}/{page}")
+            wait_for_chart(browser)
+            WebDriverWait(browser, 60).until(lambda b, w=text: w in b.find_element(By.TAG_NAME, "body").text)
+            time.sleep(1)
+            assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]'), page
+            assert browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .main-svg"), page
+            browser.save_screenshot(str(artifacts / png))
+            assert (artifacts / png).stat().st_size > 10_000, png
+
+
 def screenshots(runs_dir: str = "runs/demo", out_dir: str = "screens") -> None:
     """A PNG of every page (the README's docs/dashboard.png is the Landscapes page)."""
     from selenium.common.exceptions import TimeoutException

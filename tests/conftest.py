@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import atexit
 import os
-import random
 import shutil
 import tempfile
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +21,10 @@ atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=Tr
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# after the environment above: huggingface_hub reads HF_HUB_OFFLINE once, when transformers first imports it
+from analysis_fixtures import train_tiny_causal_runs, train_tiny_runs, write_pairs_csv, write_reviews_csv  # noqa: E402
+from helpers import copy_tree  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -36,14 +40,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-WORDS = {0: ["awful", "bad", "boring", "dull"], 1: ["great", "good", "lovely", "fun"]}
-"""Words of the two classes of the tiny review task (``csv_file``)."""
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random BERT classifier with the bundled model's tokenizer, saved once per session."""
-    from flatlora.models import save_tiny_text_model
+    from flatlora.testing import save_tiny_text_model
 
     return save_tiny_text_model(tmp_path_factory.mktemp("tiny-bert"))
 
@@ -51,14 +51,28 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def csv_file(tmp_path_factory):
     """60 short reviews in two classes, as a CSV with text and label columns."""
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("data") / "reviews.csv"
-    rows = ["text,label"]
-    for i in range(60):
-        label = i % 2
-        rows.append(f"a {rng.choice(WORDS[label])} film number {i},{label}")
-    path.write_text("\n".join(rows) + "\n")
-    return path
+    return write_reviews_csv(tmp_path_factory.mktemp("data") / "reviews.csv")
+
+
+@pytest.fixture(scope="session")
+def tiny_runs_source(tmp_path_factory, csv_file, tiny_model_dir):
+    """Three tiny finished runs (lora, eflat-lora, flat-lora; seed 1, 6 steps), trained once per session.
+
+    Read only: a test or module fixture that writes into a run copies the folder first (``copy_tree``).
+    """
+    return train_tiny_runs(tmp_path_factory.mktemp("tiny-runs") / "runs", csv_file, tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_report_source(tmp_path_factory, tiny_runs_source):
+    """The tiny runs with their quick report in FOLDER/report, as ``flatlora demo`` leaves them (read only)."""
+    from flatlora import cli
+
+    runs = copy_tree(tiny_runs_source, tmp_path_factory.mktemp("tiny-report") / "runs")
+    argv = ["report", str(runs), "--out", str(runs / "report"), "--quick", "--examples", "8", "--batch-size", "8",
+            "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0
+    return runs
 
 
 # -- causal LMs: the default LLM's tokenizer (from its GGUF file, a few seconds) and tiny models using it
@@ -73,13 +87,27 @@ def llm_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, llm_tokenizer):
-    from flatlora.causal_lm import save_tiny_causal_lm
+    from flatlora.testing import save_tiny_causal_lm
 
     return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny-llama"), arch="llama", tokenizer=llm_tokenizer)
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory, llm_tokenizer):
-    from flatlora.causal_lm import save_tiny_causal_lm
+    from flatlora.testing import save_tiny_causal_lm
 
     return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny-gpt2"), arch="gpt2", tokenizer=llm_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def pairs_csv(tmp_path_factory) -> Path:
+    """Eight E2E-shaped prompt/target pairs as a CSV."""
+    return write_pairs_csv(tmp_path_factory.mktemp("pairs") / "pairs.csv")
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_runs_source(tmp_path_factory, pairs_csv, tiny_gpt2_dir):
+    """Four tiny causal-LM runs on the tiny GPT-2 (lora, flat-lora, eflat-lora, lora-sam), each with scored
+    generations, trained once per session. Read only: copy before writing."""
+    methods = (("lora", 0.0), ("flat-lora", 0.5), ("eflat-lora", 0.5), ("lora-sam", 0.05))
+    return train_tiny_causal_runs(tmp_path_factory.mktemp("causal-runs") / "runs", pairs_csv, tiny_gpt2_dir, methods)

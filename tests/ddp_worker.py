@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments, default_data_collator
 
-from flatlora.models import tiny_batches, tiny_model
+from flatlora.testing import tiny_batches, tiny_model
 from flatlora.trainer import FlatLoraTrainer
 
 RUNS = {

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
 from transformers import TrainingArguments
 
-from flatlora.models import tiny_batches
+from flatlora.testing import tiny_batches
 
 STEPS = 6  # Trainer tests: optimizer steps of a run
 
@@ -29,6 +30,12 @@ def snapshot(root: Path) -> dict[str, bytes]:
     if not root.exists():
         return {}
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def copy_tree(source: Path, dest: Path) -> Path:
+    """A writable copy of a session folder (session fixtures are read only: tests that write copy them)."""
+    shutil.copytree(source, dest)
+    return Path(dest)
 
 
 def examples(n_batches: int = 3, batch_size: int = 8, seed: int = 1) -> list[dict[str, torch.Tensor]]:

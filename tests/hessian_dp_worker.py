@@ -13,7 +13,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from flatlora.models import tiny_batches, tiny_model
+from flatlora.testing import tiny_batches, tiny_model
 from flatlora_analysis import ProbeSet, hessian_operator
 from flatlora_analysis.hessian.suite import curvature
 

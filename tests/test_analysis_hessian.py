@@ -9,7 +9,7 @@ from analysis_fixtures import TinyClassifier, TinyRegression, assert_same_state,
 from torch.func import functional_call
 
 from flatlora import FlatLoraError
-from flatlora.models import tiny_batches, tiny_model
+from flatlora.testing import tiny_batches, tiny_model
 from flatlora_analysis import (
     ProbeSet,
     build_space,

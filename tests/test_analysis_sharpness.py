@@ -9,8 +9,8 @@ from analysis_fixtures import TinyClassifier, TinyRegression, assert_same_state,
 
 from flatlora import FlatLoraError
 from flatlora.lora import find_lora_pairs
-from flatlora.models import TINY_ARCHS, tiny_batches, tiny_model
 from flatlora.perturbation import flat_lora_eps_b
+from flatlora.testing import TINY_ARCHS, tiny_batches, tiny_model
 from flatlora_analysis import (
     ProbeSet,
     balancedness,

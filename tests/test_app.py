@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-from analysis_fixtures import train_tiny_runs, write_reviews_csv
+from helpers import copy_tree
 
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest
 
-from flatlora import cli
-from flatlora.models import save_tiny_text_model
 from flatlora_analysis import plots
 
 MAIN = str(Path(__file__).parents[1] / "app" / "main.py")
@@ -22,25 +21,9 @@ PAGES = ("views/landscapes.py", "views/curvature.py", "views/correlation.py", "v
 
 
 @pytest.fixture(scope="module")
-def runs_folder(tmp_path_factory):
+def runs_folder(tmp_path_factory, tiny_report_source):
     """Three tiny runs (lora, eflat-lora, flat-lora) and the quick report, as flatlora demo leaves them."""
-    root = tmp_path_factory.mktemp("app")
-    model_dir = save_tiny_text_model(root / "tiny-bert")
-    runs = train_tiny_runs(root / "runs", write_reviews_csv(root / "reviews.csv"), model_dir)
-    argv = [
-        "report",
-        str(runs),
-        "--out",
-        str(runs / "report"),
-        "--quick",
-        "--examples",
-        "8",
-        "--batch-size",
-        "8",
-        "--no-progress",
-    ]
-    assert cli.main(argv) == 0
-    return runs
+    return copy_tree(tiny_report_source, tmp_path_factory.mktemp("app") / "runs")
 
 
 @pytest.fixture(autouse=True)
@@ -247,29 +230,11 @@ def test_a_run_being_written_is_flagged(runs_folder, tmp_path, monkeypatch):
     assert any("still being written" in w.value for w in at.warning)
 
 
+@pytest.mark.slow
 def test_a_real_browser_renders_the_landscape_and_the_scatter(runs_folder, tmp_path):
-    """flatlora app on a free port, Debian's headless Chromium through Selenium; screenshots kept as artifacts."""
-    import os
-    import time
-
-    from browser import headless_chromium, missing_browser, serve_app, wait_for_chart
-
-    reason = missing_browser()
-    if reason:
-        pytest.skip(reason)
-    pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from browser import assert_pages_render
 
     artifacts = Path(os.environ.get("FLATLORA_TEST_ARTIFACTS", tmp_path))
-    artifacts.mkdir(parents=True, exist_ok=True)
-    with serve_app(runs_folder) as url, headless_chromium() as browser:
-        for page, title_word in (("landscapes", "Loss along a direction"), ("correlation", "Kendall tau")):
-            browser.get(f"{url}/{page}")
-            wait_for_chart(browser)
-            WebDriverWait(browser, 60).until(lambda b, w=title_word: w in b.find_element(By.TAG_NAME, "body").text)
-            time.sleep(1)
-            assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
-            assert browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .main-svg")
-            browser.save_screenshot(str(artifacts / f"dashboard-{page}.png"))
-            assert (artifacts / f"dashboard-{page}.png").stat().st_size > 10_000
+    pages = [("landscapes", "Loss along a direction", "dashboard-landscapes.png"),
+             ("correlation", "Kendall tau", "dashboard-correlation.png")]  # fmt: skip
+    assert_pages_render(runs_folder, pages, artifacts)

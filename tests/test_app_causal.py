@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
-from analysis_fixtures import train_tiny_causal_runs, write_pairs_csv
+from helpers import copy_tree
 
 pytest.importorskip("streamlit")
 pytest.importorskip("gguf", reason="causal-LM tests use the default LLM's tokenizer (pip install gguf)")
@@ -17,10 +18,9 @@ from flatlora import cli
 
 
 @pytest.fixture(scope="module")
-def causal_folder(tmp_path_factory, tiny_gpt2_dir):
-    """Three tiny causal-LM runs with generations, and their quick report in FOLDER/report."""
-    root = tmp_path_factory.mktemp("app-causal")
-    runs = train_tiny_causal_runs(root / "runs", write_pairs_csv(root / "pairs.csv"), tiny_gpt2_dir)
+def causal_folder(tmp_path_factory, tiny_causal_runs_source):
+    """The session's tiny causal-LM runs with generations, and their quick report in FOLDER/report."""
+    runs = copy_tree(tiny_causal_runs_source, tmp_path_factory.mktemp("app-causal") / "runs")
     argv = ["report", str(runs), "--out", str(runs / "report"), "--quick", "--examples", "6", "--batch-size", "6",
             "--no-progress"]  # fmt: skip
     assert cli.main(argv) == 0
@@ -42,7 +42,7 @@ def test_runs_page_lists_causal_runs_with_perplexity_bleu_and_generations(causal
     assert generations["source"].tolist() == [g["source"] for g in saved]  # the first run in the list
     assert generations["references"].tolist() == [" | ".join(g["references"]) for g in saved]
     loss = specs(at)[0]
-    assert {t["name"] for t in loss["data"]} == {"lora", "flat-lora", "eflat-lora"}
+    assert {t["name"] for t in loss["data"]} == {"lora", "flat-lora", "eflat-lora", "lora-sam"}
 
 
 def test_landscape_curvature_and_correlation_pages_on_causal_runs(causal_folder, monkeypatch):
@@ -50,10 +50,10 @@ def test_landscape_curvature_and_correlation_pages_on_causal_runs(causal_folder,
     at.switch_page("views/landscapes.py").run()
     assert not at.exception, [e.value for e in at.exception]
     [curves] = specs(at)
-    assert len([t for t in curves["data"] if t.get("mode") == "lines"]) == 3
+    assert len([t for t in curves["data"] if t.get("mode") == "lines"]) == 4  # one curve a run
     at.switch_page("views/curvature.py").run()
     assert not at.exception, [e.value for e in at.exception]
-    assert len(at.dataframe[0].value) == 3
+    assert len(at.dataframe[0].value) == 4  # one row a run
     at.switch_page("views/correlation.py").run()
     assert not at.exception, [e.value for e in at.exception]
     options = at.selectbox(key="corr_target").options
@@ -62,24 +62,9 @@ def test_landscape_curvature_and_correlation_pages_on_causal_runs(causal_folder,
     assert "test_perplexity vs" in specs(at)[0]["layout"]["title"]["text"]
 
 
+@pytest.mark.slow
 def test_a_real_browser_shows_a_causal_runs_generations(causal_folder, tmp_path):
-    import os
-
-    from browser import headless_chromium, missing_browser, serve_app, wait_for_chart
-
-    reason = missing_browser()
-    if reason:
-        pytest.skip(reason)
-    pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from browser import assert_pages_render
 
     artifacts = Path(os.environ.get("FLATLORA_TEST_ARTIFACTS", tmp_path))
-    artifacts.mkdir(parents=True, exist_ok=True)
-    with serve_app(causal_folder) as url, headless_chromium() as browser:
-        browser.get(url)
-        wait_for_chart(browser)
-        WebDriverWait(browser, 60).until(lambda b: "Generations" in b.find_element(By.TAG_NAME, "body").text)
-        assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
-        browser.save_screenshot(str(artifacts / "dashboard-causal-runs.png"))
-        assert (artifacts / "dashboard-causal-runs.png").stat().st_size > 10_000
+    assert_pages_render(causal_folder, [("", "Generations", "dashboard-causal-runs.png")], artifacts)

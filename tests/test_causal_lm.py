@@ -121,9 +121,9 @@ def test_split_loss_is_the_mean_over_target_tokens_of_uneven_batches(tmp_path, t
     )  # fmt: skip
     run = train_run(config, out)
     assert run.info["task"] == "causal-lm"
+    from flatlora.adapters import load_adapter
     from flatlora.causal_lm import load_base_causal_lm
-    from flatlora.experiment_lm import encode_splits, prepare_causal_data
-    from flatlora.models import load_adapter
+    from flatlora.tasks.causal import encode_splits, prepare_causal_data
 
     model, tok = load_adapter(out / "adapter", base_model=tiny_llama_dir)
     resolved = __import__("dataclasses").replace(config, task="causal-lm")

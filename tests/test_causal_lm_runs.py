@@ -32,6 +32,7 @@ def argv(pairs, model_dir, out, *extra):
             "--out", str(out), *extra]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_killed_causal_run_resumes_to_the_records_of_an_uninterrupted_one(tmp_path, pairs, tiny_llama_dir):
     whole, out = tmp_path / "whole", tmp_path / "run"
     assert cli.main(argv(pairs, tiny_llama_dir, whole)) == 0
@@ -51,6 +52,7 @@ def test_a_killed_causal_run_resumes_to_the_records_of_an_uninterrupted_one(tmp_
     )
 
 
+@pytest.mark.slow
 def test_two_ranks_give_the_token_mean_loss_of_one_process(tmp_path, pairs, tiny_llama_dir):
     one, two = tmp_path / "one", tmp_path / "two"
     args = argv(pairs, tiny_llama_dir, one)

@@ -24,8 +24,9 @@ def pairs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(tiny_llama_dir):
     from flatlora.causal_lm import load_causal_lm
+    from flatlora.models import LoraOptions
 
-    peft_model, tokenizer = load_causal_lm(tiny_llama_dir, r=2, alpha=4, lora_dropout=0.0, seed=3)
+    peft_model, tokenizer = load_causal_lm(tiny_llama_dir, lora=LoraOptions(r=2, alpha=4, lora_dropout=0.0), seed=3)
     with torch.no_grad():  # B away from zero, as in a trained adapter
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
@@ -70,7 +71,15 @@ def test_measures_run_on_a_causal_probe_and_state_the_weighting(model, pairs):
         settings = result.settings
         assert settings["weighting"] == "tokens" and settings["n_tokens"] == probe.n_tokens
     assert math.isfinite(sharp.value) and math.isfinite(eig.eigenvalues[0]) and math.isfinite(trace.trace)
-    # lambda_max against torch.autograd.functional.hessian of the probe-set loss in float64
+
+
+@pytest.mark.slow
+def test_lambda_max_on_a_causal_probe_equals_the_dense_float64_hessian(model, pairs):
+    """lambda_max against torch.autograd.functional.hessian of the probe-set loss in float64 (about a minute:
+    one backward per LoRA coordinate through a 49k-word head; the fast tier has the GPT-2 outside check)."""
+    m, tok = model
+    probe = ProbeSet.from_data(pairs, tok, task="causal-lm", split="train", shots=4, batch_size=4, n=6)
+    eig = top_eigenvalues(m, probe, k=1, space="lora", tol=1e-4)
     from test_analysis_hessian import reference_hessian
 
     from flatlora_analysis.objective import double_backward_attention

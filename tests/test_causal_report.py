@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from analysis_fixtures import train_tiny_causal_runs, write_pairs_csv
+from helpers import copy_tree
 
 from flatlora import cli
 from flatlora_analysis import ProbeSet, load_model
@@ -41,11 +41,6 @@ def stock_adapter(base_dir: str, folder: Path, *, seed: int = 0, **lora) -> Path
                 p.normal_(std=0.05)
     model.save_pretrained(folder)
     return folder
-
-
-@pytest.fixture(scope="module")
-def pairs_csv(tmp_path_factory) -> Path:
-    return write_pairs_csv(tmp_path_factory.mktemp("pairs") / "pairs.csv")
 
 
 def tree(root: Path) -> list[str]:
@@ -95,9 +90,8 @@ def test_landscape_of_a_bare_adapter_is_saved_and_reused(tmp_path, pairs_csv, ti
 
 
 @pytest.fixture(scope="module")
-def causal_runs(tmp_path_factory, pairs_csv, tiny_gpt2_dir):
-    methods = (("lora", 0.0), ("flat-lora", 0.5), ("eflat-lora", 0.5), ("lora-sam", 0.05))
-    return train_tiny_causal_runs(tmp_path_factory.mktemp("causal-runs"), pairs_csv, tiny_gpt2_dir, methods)
+def causal_runs(tmp_path_factory, tiny_causal_runs_source):
+    return copy_tree(tiny_causal_runs_source, tmp_path_factory.mktemp("causal-runs") / "runs")
 
 
 def test_report_on_causal_runs_shows_perplexity_bleu_and_correlates_with_them(causal_runs, tmp_path, capsys):

@@ -65,6 +65,27 @@ def test_train_writes_a_complete_run_directory(tmp_path, csv_file, tiny_model_di
     assert run.final["test_accuracy"] == info["metrics"]["test_accuracy"]
 
 
+def test_the_session_runs_of_three_methods_are_complete(tiny_runs_source):
+    """lora, eflat-lora and flat-lora through the CLI: the shared session runs every report test reads."""
+    for method in ("lora", "eflat-lora", "flat-lora"):
+        info = json.loads((tiny_runs_source / f"{method}-seed1" / "run.json").read_text())
+        assert info["status"] == "done" and info["method"] == method and info["hparams"]["steps"] == 6
+        assert 0 <= info["metrics"]["test_accuracy"] <= 1 and info["metrics"]["test_loss"] > 0
+
+
+@pytest.mark.parametrize("method", ["lora-sam", "rwp-lora", "bar"])
+def test_the_other_methods_train_a_classifier_through_the_cli(tmp_path, csv_file, tiny_model_dir, method):
+    """One tiny CLI run of each method the session runs do not train (together: all six)."""
+    out = tmp_path / "run"
+    assert cli.main(["train", "--method", method, "--rho", "0.05", *base_args(csv_file, tiny_model_dir, out)]) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "done" and info["method"] == method and info["hparams"]["rho"] == 0.05
+    assert 0 <= info["metrics"]["test_accuracy"] <= 1 and info["metrics"]["test_loss"] > 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
 def test_sweep_resumes_after_a_kill_without_redoing_finished_runs(tmp_path, csv_file, tiny_model_dir, monkeypatch):
     from flatlora.trainer import FlatLoraTrainer
 
@@ -198,7 +219,7 @@ def test_fp16_trains_on_cpu_or_is_refused_in_one_line_before_anything_is_written
 
 def test_progress_is_a_plain_line_per_log_when_stderr_is_not_a_terminal(tmp_path, csv_file, tiny_model_dir, capsys):
     from flatlora import make_method
-    from flatlora.models import tiny_batches, tiny_model
+    from flatlora.testing import tiny_batches, tiny_model
     from flatlora.trainer import train_loop
 
     args = [a for a in base_args(csv_file, tiny_model_dir, tmp_path / "run") if a != "--no-progress"]

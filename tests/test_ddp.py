@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # launches torchrun: the slow tier
+
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from flatlora import cli
+
+pytestmark = pytest.mark.slow  # trains and measures real models end to end: the slow tier
 
 
 def test_the_quick_demo_trains_measures_reports_and_reuses(tmp_path, capsys):

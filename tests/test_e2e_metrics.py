@@ -59,6 +59,7 @@ def test_official_bleu_nist(official_case):
         assert abs(scores[metric] - expected[metric]) <= TOLERANCE, (metric, scores[metric], expected[metric])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_JAVA, reason="java not on PATH: METEOR and the PTB tokenizer need it")
 @pytest.mark.skipif(not HAS_COCO, reason="pycocoevalcap not installed")
 def test_official_java_metrics(official_case):
@@ -138,6 +139,7 @@ def test_failing_java_gives_none_with_reason(monkeypatch):
         assert "PTB tokenizer failed" in scores["unavailable"][metric]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (HAS_JAVA and HAS_COCO), reason="needs java and pycocoevalcap")
 def test_failing_meteor_jar_keeps_other_metrics(monkeypatch, tmp_path):
     fake = tmp_path / "java"  # fails when asked to run a jar (METEOR), runs the real java for the PTB tokenizer

@@ -10,8 +10,8 @@ import torch
 from helpers import assert_bit_equal, trainable
 
 from flatlora import FlatLoraError, cli, make_method
-from flatlora.models import tiny_batches, tiny_model
 from flatlora.perturbation import realized_sq_norms
+from flatlora.testing import tiny_batches, tiny_model
 from flatlora.trainer import train_loop
 from flatlora_analysis import ema_norm_ratio
 

@@ -10,7 +10,7 @@ import torch
 from analysis_fixtures import TinyClassifier, assert_same_state, lora_wrap, model_state
 
 from flatlora import FlatLoraError
-from flatlora.models import tiny_batches, tiny_model
+from flatlora.testing import tiny_batches, tiny_model
 from flatlora_analysis import ProbeSet, evaluate_loss
 from flatlora_analysis.flatness import (
     PacBayesResult,

@@ -15,8 +15,9 @@ PROMPTS = ["name[Aromi], eatType[pub]", "name[The Eagle]", "name[Zizzi], area[ri
 @pytest.fixture(scope="module")
 def tiny_lm(tiny_llama_dir):
     from flatlora.causal_lm import load_causal_lm
+    from flatlora.models import LoraOptions
 
-    model, tokenizer = load_causal_lm(tiny_llama_dir, lora_dropout=0.0)
+    model, tokenizer = load_causal_lm(tiny_llama_dir, lora=LoraOptions(lora_dropout=0.0))
     return model, tokenizer
 
 

@@ -9,7 +9,7 @@ from analysis_fixtures import TinyClassifier, lora_wrap, symmetric_with_spectrum
 from test_analysis_hessian import classifier_probe, reference_hessian
 
 from flatlora import FlatLoraError
-from flatlora.models import tiny_batches, tiny_model
+from flatlora.testing import tiny_batches, tiny_model
 from flatlora_analysis import ProbeSet, hessian_operator
 from flatlora_analysis.hessian import DenseOperator, lanczos_eigenvalues
 from flatlora_analysis.hessian.density import slq
@@ -197,6 +197,7 @@ def test_engine_and_layer_settings_are_refused_in_one_line():
         curvature(model, probe, k=10**6)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_data_parallel_products_on_two_gloo_ranks_equal_one_process(tmp_path):
     import json
@@ -228,11 +229,11 @@ def test_data_parallel_products_on_two_gloo_ranks_equal_one_process(tmp_path):
 
 
 def test_lanczos_rebuilds_every_product_from_its_coefficients():
-    from flatlora_analysis.hessian.lanczos import _Lanczos
+    from flatlora_analysis.hessian.krylov import Lanczos
 
     A = symmetric_with_spectrum(np.linspace(-3, 4, 40), seed=10)
     g = torch.Generator().manual_seed(0)
-    it = _Lanczos(DenseOperator(A), random_vectors(40, generator=g, unit=True), g)
+    it = Lanczos(DenseOperator(A), random_vectors(40, generator=g, unit=True), g)
     for _ in range(12):
         it.step()
     Q = it.basis()

@@ -8,7 +8,7 @@ from helpers import STEPS, args_for, examples, trainable
 from transformers import TrainerCallback, default_data_collator
 
 from flatlora import METHODS, FlatLoraError, make_method
-from flatlora.models import tiny_model
+from flatlora.testing import tiny_model
 from flatlora.trainer import FlatLoraTrainer, train_loop
 
 OPTIONS = {

@@ -14,9 +14,10 @@ import pytest
 import torch
 from analysis_fixtures import TinyClassifier, assert_same_state, lora_wrap, model_state, train_tiny_runs
 from analysis_fixtures import write_reviews_csv as write_csv
+from helpers import copy_tree
 
 from flatlora import cli
-from flatlora.models import save_tiny_text_model, tiny_batches, tiny_model
+from flatlora.testing import save_tiny_text_model, tiny_batches, tiny_model
 from flatlora_analysis import (
     ProbeSet,
     build_space,
@@ -38,11 +39,9 @@ def classifier_probe(n=24, seed=0):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("landscape-runs")
-    model_dir = save_tiny_text_model(root / "tiny-bert")
-    csv_file = write_csv(root / "reviews.csv")
-    return train_tiny_runs(root / "runs", csv_file, model_dir, methods=("lora", "eflat-lora"))
+def runs(tmp_path_factory, tiny_runs_source):
+    """A writable copy of the session's tiny runs (landscapes are stored inside a run)."""
+    return copy_tree(tiny_runs_source, tmp_path_factory.mktemp("landscape-runs") / "runs")
 
 
 @pytest.mark.parametrize("space", ["merged", "lora", "b", "all"])
@@ -206,6 +205,7 @@ def test_bad_input_is_one_line_and_writes_nothing(runs, tmp_path, capsys):
         assert not (run / "analysis").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_a_two_rank_torchrun_grid_equals_the_one_process_grid_bit_for_bit(runs, tmp_path):
     bindir = Path(sys.executable).parent

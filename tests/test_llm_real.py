@@ -28,6 +28,7 @@ def _needs_the_wheel():
         pytest.skip(str(err))
 
 
+@pytest.mark.slow
 def test_train_generate_and_score_on_the_default_llm(tmp_path):
     out = tmp_path / "run"
     args = ["train", "--task", "causal-lm", "--method", "eflat-lora", "--data", "e2e", "--shots", "2",
@@ -66,6 +67,7 @@ def test_a_wrong_prompt_column_is_refused_before_the_model_loads(tmp_path, capsy
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_the_quick_llm_demo_prints_the_e2e_table_and_reuses_its_runs(tmp_path, capsys):
     out = tmp_path / "demo-llm"
     assert cli.main(["demo", "--llm", "--quick", "--out", str(out), "--no-progress"]) == 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from flatlora import METHODS, log_keys, make_method
-from flatlora.models import tiny_batches, tiny_model
+from flatlora.testing import tiny_batches, tiny_model
 from flatlora.trainer import train_loop
 
 

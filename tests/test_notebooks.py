@@ -31,6 +31,7 @@ def test_there_are_five_notebooks_and_none_holds_outputs():
         assert len(params) == 1 and params[0]["metadata"]["nbmake"]["mock"], path.name  # the small test run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_top_to_bottom_with_its_small_parameters(notebook, tmp_path):
     pytest.importorskip("nbmake")

@@ -27,13 +27,17 @@ def test_every_exported_name_resolves_and_the_version_is_the_installed_one():
         assert getattr(flatlora, name) is not None, name
     assert {"FlatLoraTrainer", "load_run", "list_runs", "make_method", "METHODS"} <= set(flatlora.__all__)
     assert flatlora.load_run is __import__("flatlora.runs", fromlist=["load_run"]).load_run
+    assert flatlora.load_adapter is __import__("flatlora.adapters", fromlist=["load_adapter"]).load_adapter
+    assert flatlora.tiny_model is __import__("flatlora.testing", fromlist=["tiny_model"]).tiny_model
+    assert flatlora.LoraOptions is __import__("flatlora.models", fromlist=["LoraOptions"]).LoraOptions
     assert flatlora.__version__ == metadata.version("flatlora")
     assert "FlatLoraTrainer" in dir(flatlora)
 
 
 def test_flatlora_never_imports_analysis_or_app():
     modules = _imported_after(
-        "import flatlora.cli, flatlora.experiment, flatlora.trainer, flatlora.runs, flatlora.data, flatlora.models"
+        "import flatlora.cli, flatlora.experiment, flatlora.trainer, flatlora.runs, flatlora.data, flatlora.models, "
+        "flatlora.adapters, flatlora.testing"
     )
     assert not {m for m in modules if m.split(".")[0] in ("flatlora_analysis", "flatlora_app")}
 

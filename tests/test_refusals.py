@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from analysis_fixtures import train_tiny_runs
+from helpers import copy_tree
 
 from flatlora import cli
 
@@ -25,11 +25,12 @@ README = Path(__file__).parents[1] / "README.md"
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, csv_file, tiny_model_dir):
-    """A folder of two tiny finished runs and damaged copies of them, and a few bad files."""
+def world(tmp_path_factory, tiny_runs_source):
+    """A folder of two tiny finished runs (copies of the session's) and damaged copies of them, and a few bad files."""
     root = tmp_path_factory.mktemp("refusals")
-    runs = train_tiny_runs(root / "runs", csv_file, tiny_model_dir, methods=("lora", "eflat-lora"), steps=2)
-    good = runs / "lora-seed1"
+    for name in ("lora-seed1", "eflat-lora-seed1"):
+        copy_tree(tiny_runs_source / name, root / "runs" / name)
+    good = root / "runs" / "lora-seed1"
 
     def damaged(name, edit):
         folder = root / "bad" / name
@@ -212,6 +213,7 @@ def port_answers(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_to_flatlora_app_ends_its_server(world, sig):
     pytest.importorskip("streamlit")

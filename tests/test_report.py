@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from analysis_fixtures import train_tiny_runs, write_reviews_csv
+from helpers import copy_tree
 
 from flatlora import FlatLoraError, cli
-from flatlora.models import save_tiny_text_model
 from flatlora.runs import load_run
+from flatlora.testing import save_tiny_text_model
 from flatlora_analysis import (
     ProbeSet,
     balance_trajectory,
@@ -30,19 +30,10 @@ from flatlora_analysis import (
 QUICK = ["--quick", "--examples", "8", "--batch-size", "4", "--no-progress"]
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    return save_tiny_text_model(tmp_path_factory.mktemp("tiny-bert"))
-
-
-@pytest.fixture(scope="session")
-def csv_file(tmp_path_factory):
-    return write_reviews_csv(tmp_path_factory.mktemp("data") / "reviews.csv")
-
-
-@pytest.fixture(scope="session")
-def runs(tmp_path_factory, csv_file, tiny_model_dir):
-    return train_tiny_runs(tmp_path_factory.mktemp("runs"), csv_file, tiny_model_dir)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_runs_source):
+    """A writable copy of the session's tiny runs (reports cache their results inside the runs)."""
+    return copy_tree(tiny_runs_source, tmp_path_factory.mktemp("report-runs") / "runs")
 
 
 def assert_close_but_meta(a, b, rel: float, where: str = "") -> None:
@@ -192,6 +183,7 @@ def test_sharded_two_ways_then_merged_equals_the_unsharded_report(runs, tmp_path
     assert entries_without_timing(sharded / "report.json") == entries_without_timing(whole / "report.json")
 
 
+@pytest.mark.slow
 def test_a_killed_report_resumes_from_its_cache(runs, tmp_path):
     out = tmp_path / "report"
     cmd = [sys.executable, "-m", "flatlora.cli", "report", str(runs), "--out", str(out), *QUICK]
@@ -253,6 +245,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(runs, tmp_path, tiny_mo
         assert snapshot(out) == {}, match
 
 
+@pytest.mark.slow
 def test_a_two_rank_torchrun_report_equals_the_one_process_report(runs, tmp_path):
     import torch
 

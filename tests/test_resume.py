@@ -88,6 +88,7 @@ def uninterrupted(tmp_path_factory, csv_file, tiny_model_dir):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["training", "final"])
 def test_a_run_killed_at_each_phase_resumes_to_the_records_of_an_uninterrupted_run(
     tmp_path, csv_file, tiny_model_dir, uninterrupted, phase

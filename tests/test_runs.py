@@ -6,6 +6,7 @@ import json
 import math
 import os
 import stat
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,17 +15,19 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from flatlora import FlatLoraError
-from flatlora.models import tiny_model
 from flatlora.runs import (
     RunDir,
+    RunIdentity,
     atomic_directory,
     atomic_write_json,
     latest_checkpoint,
     list_runs,
     load_run,
 )
+from flatlora.testing import tiny_model
 
 CONFIG = dict(method="eflat-lora", hparams={"rho": 0.05, "lr": 1e-3, "steps": 4}, data={"spec": "x.csv"}, model="m")
+IDENTITY = RunIdentity(**CONFIG)
 
 
 def test_atomic_write_keeps_the_old_file_on_a_crash(tmp_path, monkeypatch):
@@ -80,7 +83,7 @@ def test_atomic_writes_get_the_modes_of_plain_writes(tmp_path):
 
     (tmp_path / "plain.txt").write_text("x")
     (tmp_path / "plain").mkdir()
-    run = RunDir.create(tmp_path / "r", **CONFIG)
+    run = RunDir.create(tmp_path / "r", IDENTITY)
     run.append_metrics({"step": 1})
     run.truncate_metrics(1)
     with atomic_directory(tmp_path / "adapter") as tmp:
@@ -90,17 +93,34 @@ def test_atomic_writes_get_the_modes_of_plain_writes(tmp_path):
 
 
 def test_lifecycle_and_versions(tmp_path):
-    run = RunDir.create(tmp_path / "r", **CONFIG)
+    run = RunDir.create(tmp_path / "r", IDENTITY)
     info = run.info
     assert info["status"] == "running" and info["format"] == 1 and {"torch", "peft", "python"} <= set(info["versions"])
     run.fail("boom")
     assert run.info["status"] == "failed" and run.info["error"] == "boom"
-    again = RunDir.create(tmp_path / "r", resume=True, **CONFIG)
+    again = RunDir.create(tmp_path / "r", IDENTITY, resume=True)
     assert again.info["status"] == "running" and again.info["error"] is None
     again.finish({"test_accuracy": 0.75}, wall_time_s=1.5)
     loaded = load_run(tmp_path / "r")
     assert loaded.status == "done" and loaded.final == {"test_accuracy": 0.75} and loaded.method == "eflat-lora"
     assert loaded.info["created"] <= loaded.info["updated"]
+
+
+def test_the_keyword_form_of_the_identity_writes_the_same_run_json(tmp_path, monkeypatch):
+    """``RunDir.create(out, method=, hparams=, data=, model=)`` (the older form) is the RunIdentity's run."""
+    import flatlora.run_dir
+
+    monkeypatch.setattr(flatlora.run_dir, "_now", lambda: "2024-01-01T00:00:00+00:00")
+    RunDir.create(tmp_path / "a", IDENTITY)
+    RunDir.create(tmp_path / "b", **CONFIG)
+    assert (tmp_path / "a" / "run.json").read_bytes() == (tmp_path / "b" / "run.json").read_bytes()
+    assert RunDir.check(tmp_path / "a", IDENTITY, resume=True) == RunDir.check(tmp_path / "a", resume=True, **CONFIG)
+    assert RunDir.check(tmp_path / "c", IDENTITY) == "new"
+    with pytest.raises(TypeError, match="not both"):
+        RunDir.check(tmp_path / "c", IDENTITY, method="lora")
+    with pytest.raises(TypeError):
+        RunDir.create(tmp_path / "c", method="lora")
+    assert not (tmp_path / "c").exists()
 
 
 @pytest.mark.parametrize(
@@ -125,18 +145,16 @@ def test_refusals_write_nothing(tmp_path, setup, kwargs, match):
         folder.mkdir()
         (folder / "run.json").write_text("[]")
     else:
-        run = RunDir.create(folder, **CONFIG)
+        run = RunDir.create(folder, IDENTITY)
         run.append_metrics({"step": 1, "loss": 0.5})
         if setup == "done":
             run.finish({})
         elif setup == "failed":
             run.fail("x")
-    wanted = dict(CONFIG)
-    if setup == "other":
-        wanted["hparams"] = {**CONFIG["hparams"], "rho": 0.1}
+    wanted = replace(IDENTITY, hparams={**CONFIG["hparams"], "rho": 0.1}) if setup == "other" else IDENTITY
     before = snapshot(folder)
     with pytest.raises(FlatLoraError, match=match):
-        RunDir.create(folder, **wanted, **kwargs)
+        RunDir.create(folder, wanted, **kwargs)
     assert snapshot(folder) == before
 
 
@@ -144,29 +162,26 @@ def test_overwrite_replaces_any_folder(tmp_path):
     folder = tmp_path / "r"
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
-    RunDir.create(folder, overwrite=True, **CONFIG)
+    RunDir.create(folder, IDENTITY, overwrite=True)
     assert sorted(p.name for p in folder.iterdir()) == ["run.json"]
-    done = RunDir.create(tmp_path / "done", **CONFIG)
+    done = RunDir.create(tmp_path / "done", IDENTITY)
     done.append_metrics({"step": 1})
     done.finish({"test_accuracy": 1.0})
-    fresh = RunDir.create(done.path, overwrite=True, **CONFIG)
+    fresh = RunDir.create(done.path, IDENTITY, overwrite=True)
     assert fresh.info["status"] == "running" and fresh.info["metrics"] == {} and fresh.read_metrics() == []
 
 
 def test_resume_keeps_the_logged_metrics(tmp_path):
-    run = RunDir.create(tmp_path / "r", **CONFIG)
+    run = RunDir.create(tmp_path / "r", IDENTITY)
     run.append_metrics({"step": 1, "loss": 0.5})
     resumed = RunDir.create(
-        tmp_path / "r",
-        resume=True,
-        hparams=dict(reversed(CONFIG["hparams"].items())),
-        **{k: v for k, v in CONFIG.items() if k != "hparams"},
+        tmp_path / "r", replace(IDENTITY, hparams=dict(reversed(CONFIG["hparams"].items()))), resume=True
     )
     assert resumed.info["status"] == "running" and resumed.read_metrics() == [{"step": 1, "loss": 0.5}]
 
 
 def test_metrics_lines_nan_half_lines_and_truncation(tmp_path):
-    run = RunDir.create(tmp_path / "r", **CONFIG)
+    run = RunDir.create(tmp_path / "r", IDENTITY)
     for step in (1, 2, 3):
         run.append_metrics({"step": step, "loss": torch.tensor(0.1 * step), "gap": float("nan")})
     with open(run.metrics_file, "a") as handle:
@@ -184,7 +199,7 @@ def test_saved_adapter_holds_the_model_weights(tmp_path):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_()
-    run = RunDir.create(tmp_path / "r", **CONFIG)
+    run = RunDir.create(tmp_path / "r", IDENTITY)
     target = run.save_adapter(model)
     saved = load_file(target / "adapter_model.safetensors")
     expected = get_peft_model_state_dict(model)
@@ -196,7 +211,7 @@ def test_saved_adapter_holds_the_model_weights(tmp_path):
 
 def test_list_runs_skips_broken_ones_and_filters(tmp_path):
     for name, status in [("a", "done"), ("b", "failed"), ("nested/c", "done")]:
-        run = RunDir.create(tmp_path / name, **CONFIG)
+        run = RunDir.create(tmp_path / name, IDENTITY)
         run.update(status=status)
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "run.json").write_text("{not json")
@@ -221,15 +236,15 @@ def test_latest_checkpoint_orders_by_number(tmp_path):
 
 
 def test_a_run_of_a_newer_format_is_refused_in_one_line_when_read(tmp_path):
-    run = RunDir.create(tmp_path / "new", **CONFIG)
-    RunDir.create(tmp_path / "old", **CONFIG)
+    run = RunDir.create(tmp_path / "new", IDENTITY)
+    RunDir.create(tmp_path / "old", IDENTITY)
     run.update(format=99)
     before = snapshot(run.path)
     with pytest.raises(FlatLoraError, match=r"run format 99.*newer.*upgrade flatlora") as info:
         load_run(run.path)
     assert "\n" not in str(info.value)
     with pytest.raises(FlatLoraError, match="upgrade flatlora"):
-        RunDir.create(run.path, resume=True, **CONFIG)
+        RunDir.create(run.path, IDENTITY, resume=True)
     assert snapshot(run.path) == before
     with pytest.warns(UserWarning, match="upgrade flatlora"):
         assert [r.path.name for r in list_runs(tmp_path)] == ["old"]

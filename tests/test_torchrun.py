@@ -20,9 +20,12 @@ import torch
 from helpers import snapshot
 
 from flatlora import cli
-from flatlora.models import save_tiny_text_model
+from flatlora.testing import save_tiny_text_model
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+pytestmark = [
+    pytest.mark.slow,  # every test launches torchrun: the slow tier
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built"),
+]
 
 BIN = Path(sys.executable).parent
 TIMING = ("_runtime", "_per_second")
@@ -128,6 +131,8 @@ def test_two_ranks_write_one_run_that_matches_one_process(tmp_path, csv_file, mi
 
 
 def test_refusals_under_torchrun_end_both_ranks_with_the_same_line_and_exit_2(tmp_path, csv_file, model_dir):
+    """Six refusals in one torchrun launch (tests/torchrun_refusals_worker.py): each is one line, the same on
+    both ranks, status 2 on both, nothing written. The real exit of both ranks is the next test's."""
     taken = tmp_path / "taken"
     assert cli.main(["train", "--method", "lora", *common(csv_file, model_dir), "--out", str(taken)]) == 0
     before = snapshot(taken)
@@ -139,19 +144,35 @@ def test_refusals_under_torchrun_end_both_ranks_with_the_same_line_and_exit_2(tm
         (["--perturbation-sync", "ring"], "unknown --perturbation-sync 'ring'"),
         (["--shots", "100"], "k=100"),
     ]
-    matrix = []
-    for i, (change, expected) in enumerate(refusals):
-        out = tmp_path / f"out-{i}"
-        argv = ["train", "--method", "lora", *common(csv_file, model_dir), "--out", str(out), *change]
-        code, lines, codes, err = torchrun(argv, tmp_path / f"logs-{i}")
-        matrix.append((change, lines[0], codes))
-        assert code != 0 and codes == {0: 2, 1: 2}, err[-3000:]
-        assert len(lines[0]) == 1 and lines[0] == lines[1], lines
-        assert lines[0][0].startswith("flatlora: error: ") and expected in lines[0][0]
-        assert not out.exists()
+    outs = [tmp_path / f"out-{i}" for i in range(len(refusals))]
+    cases = [
+        ["train", "--method", "lora", *common(csv_file, model_dir), "--out", str(out), *change]
+        for out, (change, _) in zip(outs, refusals)
+    ]
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    launcher = shutil.which("torchrun", path=str(BIN))
+    assert launcher, "torchrun not found beside the interpreter"
+    worker = Path(__file__).with_name("torchrun_refusals_worker.py")
+    log_dir = tmp_path / "logs"
+    cmd = [launcher, "--nproc_per_node", "2", "--log-dir", str(log_dir), "--redirects", "3", str(worker)]
+    done = subprocess.run([*cmd, str(tmp_path / "cases.json"), str(tmp_path)], env=env(), capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    parts = {}
+    for rank in (0, 1):
+        (log,) = log_dir.glob(f"*/attempt_0/{rank}/stderr.log")
+        text = log.read_text()
+        assert json.loads((tmp_path / f"codes-{rank}.json").read_text()) == [2] * len(refusals), text[-3000:]
+        chunks = text.split("=== case ")[1:]
+        assert len(chunks) == len(refusals), text[-3000:]
+        parts[rank] = [[line for line in chunk.splitlines()[1:] if line.strip()] for chunk in chunks]
+    for i, ((change, expected), out) in enumerate(zip(refusals, outs)):
+        lines = {rank: parts[rank][i] for rank in (0, 1)}
+        assert len(lines[0]) == 1 and lines[0] == lines[1], (change, lines)
+        assert lines[0][0].startswith("flatlora: error: ") and expected in lines[0][0], (change, lines)
+        assert not out.exists(), change
+        print(" ".join(change), "->", lines[0][0])
     assert snapshot(taken) == before
-    for change, line, codes in matrix:
-        print(" ".join(change), "->", line[0], codes)
 
 
 def free_port() -> int:

@@ -21,17 +21,22 @@ def pairs(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def model(tiny_llama_dir):
+def trained_like(model_dir: str, r: int = 2):
+    """The tiny LLaMA in float64 with LoRA of rank ``r``, B drawn away from zero as in a trained adapter."""
     from flatlora.causal_lm import load_causal_lm
     from flatlora.models import LoraOptions
 
-    peft_model, tokenizer = load_causal_lm(tiny_llama_dir, lora=LoraOptions(r=2, alpha=4, lora_dropout=0.0), seed=3)
-    with torch.no_grad():  # B away from zero, as in a trained adapter
+    peft_model, tokenizer = load_causal_lm(model_dir, lora=LoraOptions(r=r, alpha=2 * r, lora_dropout=0.0), seed=3)
+    with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
     return peft_model.double(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama_dir):
+    return trained_like(tiny_llama_dir)
 
 
 def token_mean(m, probe: ProbeSet) -> float:
@@ -74,10 +79,10 @@ def test_measures_run_on_a_causal_probe_and_state_the_weighting(model, pairs):
 
 
 @pytest.mark.slow
-def test_lambda_max_on_a_causal_probe_equals_the_dense_float64_hessian(model, pairs):
-    """lambda_max against torch.autograd.functional.hessian of the probe-set loss in float64 (about a minute:
-    one backward per LoRA coordinate through a 49k-word head; the fast tier has the GPT-2 outside check)."""
-    m, tok = model
+def test_lambda_max_on_a_causal_probe_equals_the_dense_float64_hessian(tiny_llama_dir, pairs):
+    """lambda_max against torch.autograd.functional.hessian of the probe-set loss in float64 (one backward per
+    LoRA coordinate through a 49k-word head, so rank 1 here; the fast tier has the GPT-2 outside check)."""
+    m, tok = trained_like(tiny_llama_dir, r=1)
     probe = ProbeSet.from_data(pairs, tok, task="causal-lm", split="train", shots=4, batch_size=4, n=6)
     eig = top_eigenvalues(m, probe, k=1, space="lora", tol=1e-4)
     from test_analysis_hessian import reference_hessian

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -34,6 +36,18 @@ QUICK = ["--quick", "--examples", "8", "--batch-size", "4", "--no-progress"]
 def runs(tmp_path_factory, tiny_runs_source):
     """A writable copy of the session's tiny runs (reports cache their results inside the runs)."""
     return copy_tree(tiny_runs_source, tmp_path_factory.mktemp("report-runs") / "runs")
+
+
+@pytest.fixture(scope="module")
+def quick_report(runs, tmp_path_factory):
+    """One quick report of the runs folder with progress on, its folder and what it printed: the whole
+    report several tests read (its stdout and stderr are not terminals: plain progress lines)."""
+    out = tmp_path_factory.mktemp("quick-report") / "report"
+    quick = [a for a in QUICK if a != "--no-progress"]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        assert cli.main(["report", str(runs), "--out", str(out), *quick]) == 0
+    return out, stdout.getvalue(), stderr.getvalue()
 
 
 def assert_close_but_meta(a, b, rel: float, where: str = "") -> None:
@@ -124,9 +138,8 @@ def test_command_line_presets_keep_their_own_sizes_unless_an_option_overrides_th
         preset("full", layer_trace_samples=3)
 
 
-def test_report_on_a_runs_folder_writes_every_file(runs, tmp_path, capsys):
-    out = tmp_path / "report"
-    assert cli.main(["report", str(runs), "--out", str(out), *QUICK]) == 0
+def test_report_on_a_runs_folder_writes_every_file(quick_report):
+    out, printed, _ = quick_report
     report = json.loads((out / "report.json").read_text())
     names = [e["name"] for e in report["entries"]]
     assert names == ["eflat-lora-seed1", "flat-lora-seed1", "lora-seed1"]
@@ -153,7 +166,7 @@ def test_report_on_a_runs_folder_writes_every_file(runs, tmp_path, capsys):
     assert "| eflat-lora-seed1 |" in (out / "report.md").read_text()
     page = (out / "report.html").read_text()
     assert page.count("plotly.js") >= 1 and "Sharpness" in page and "<script" in page
-    assert "report.html" in capsys.readouterr().out
+    assert "report.html" in printed
 
 
 def test_report_on_a_bare_adapter_with_base_model_and_data(runs, tmp_path, csv_file, tiny_model_dir):
@@ -172,9 +185,8 @@ def test_report_on_a_bare_adapter_with_base_model_and_data(runs, tmp_path, csv_f
     assert [s["value"] for s in entry["sharpness"]] == pytest.approx([s["value"] for s in as_run["sharpness"]])
 
 
-def test_sharded_two_ways_then_merged_equals_the_unsharded_report(runs, tmp_path):
-    whole = tmp_path / "whole"
-    assert cli.main(["report", str(runs), "--out", str(whole), *QUICK]) == 0
+def test_sharded_two_ways_then_merged_equals_the_unsharded_report(runs, quick_report, tmp_path):
+    whole = quick_report[0]  # the same settings unsharded (progress lines change no result)
     sharded = tmp_path / "sharded"
     for i in (1, 2):
         assert cli.main(["report", str(runs), "--out", str(sharded), "--shard", f"{i}/2", *QUICK]) == 0
@@ -184,7 +196,7 @@ def test_sharded_two_ways_then_merged_equals_the_unsharded_report(runs, tmp_path
 
 
 @pytest.mark.slow
-def test_a_killed_report_resumes_from_its_cache(runs, tmp_path):
+def test_a_killed_report_resumes_from_its_cache(runs, quick_report, tmp_path):
     out = tmp_path / "report"
     cmd = [sys.executable, "-m", "flatlora.cli", "report", str(runs), "--out", str(out), *QUICK]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -200,8 +212,7 @@ def test_a_killed_report_resumes_from_its_cache(runs, tmp_path):
     assert cli.main(["report", str(runs), "--out", str(out), *QUICK]) == 0
     for name, mtime in cached.items():  # reused, not recomputed
         assert (out / "cache" / name).stat().st_mtime_ns == mtime
-    fresh = tmp_path / "fresh"
-    assert cli.main(["report", str(runs), "--out", str(fresh), *QUICK]) == 0
+    fresh = quick_report[0]  # the same report made in one go
     assert entries_without_timing(out / "report.json") == entries_without_timing(fresh / "report.json")
 
 
@@ -246,7 +257,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(runs, tmp_path, tiny_mo
 
 
 @pytest.mark.slow
-def test_a_two_rank_torchrun_report_equals_the_one_process_report(runs, tmp_path):
+def test_a_two_rank_torchrun_report_equals_the_one_process_report(runs, quick_report, tmp_path):
     import torch
 
     if not torch.distributed.is_available():
@@ -254,9 +265,9 @@ def test_a_two_rank_torchrun_report_equals_the_one_process_report(runs, tmp_path
     bindir = Path(sys.executable).parent
     torchrun, flatlora = shutil.which("torchrun", path=str(bindir)), shutil.which("flatlora", path=str(bindir))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    outs = {}
+    outs = {"one": quick_report[0]}  # the same report in one process
     two = [torchrun, "--standalone", "--nproc_per_node=2", "--no-python"]
-    for name, prefix, extra in (("one", [], []), ("two", two, []), ("products", two, ["--data-parallel"])):
+    for name, prefix, extra in (("two", two, []), ("products", two, ["--data-parallel"])):
         out = tmp_path / name
         cmd = [*prefix, flatlora, "report", str(runs), "--out", str(out), *QUICK, *extra]
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -289,11 +300,8 @@ def test_a_two_rank_torchrun_report_equals_the_one_process_report(runs, tmp_path
     assert not bad.exists()
 
 
-def test_report_progress_is_plain_lines_when_stderr_is_not_a_terminal(runs, tmp_path, capsys):
-    out = tmp_path / "out"
-    quick = [a for a in QUICK if a != "--no-progress"]
-    assert cli.main(["report", str(runs), "--out", str(out), *quick]) == 0
-    err = capsys.readouterr().err
+def test_report_progress_is_plain_lines_when_stderr_is_not_a_terminal(quick_report):
+    out, _, err = quick_report
     assert "\r" not in err  # no redrawn bars in a log file
     lines = err.splitlines()
     n = len(json.loads((out / "report.json").read_text())["entries"])

@@ -102,8 +102,9 @@ def test_the_dashboard_and_flatlora_landscape_find_each_others_landscapes(measur
     assert cli.main(["landscape", str(run), *LANDSCAPE]) == 0
     assert "1d landscape reused" in capsys.readouterr().out
     # the measures no report computes: stored by flatlora landscape, found by the dashboard
-    # (a 2-D landscape keys its span as asked: the dashboard asks the report's, flatlora landscape None unless given)
-    for kind, flags in (("2d", ["--2d", "--span", str(defaults["span"])]), ("interpolation", ["--from-base"])):
+    # (flatlora landscape --2d without --span keys the grid's span 1.0, which is the report's span the dashboard asks)
+    assert defaults["span"] == 1.0
+    for kind, flags in (("2d", ["--2d"]), ("interpolation", ["--from-base"])):
         assert app.landscape(str(run), kind, defaults, root=root) is None
         assert cli.main(["landscape", str(run), *flags, *LANDSCAPE]) == 0
         assert f"{kind} landscape computed" in capsys.readouterr().out

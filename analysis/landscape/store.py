@@ -38,12 +38,12 @@ def landscape_call(
 
     if kind not in KINDS:
         raise FlatLoraError(f"unknown landscape kind {kind!r}: use one of {', '.join(KINDS)}")
-    if kind == "1d":
+    if kind in ("1d", "2d"):  # an unset span is the grid's 1.0: one key whether or not it was typed
         given = {"steps": steps, "span": 1.0 if span is None else span, "space": space, "seed": seed}
-    elif kind in ("2d", "pca"):
-        given = {"steps": steps, "span": span, "space": space, "seed": seed, "pca": None}
-        if kind == "pca":
-            given["pca"] = str(run)
+        if kind == "2d":
+            given["pca"] = None
+    elif kind == "pca":  # an unset span follows the trajectory: None stays in the key
+        given = {"steps": steps, "span": span, "space": space, "seed": seed, "pca": str(run)}
     else:
         given = {"other": None if other is None else str(other), "steps": steps}
     m = measure(KINDS[kind])

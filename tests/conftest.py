@@ -24,7 +24,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 # after the environment above: huggingface_hub reads HF_HUB_OFFLINE once, when transformers first imports it
 from analysis_fixtures import train_tiny_causal_runs, train_tiny_runs, write_pairs_csv, write_reviews_csv  # noqa: E402
-from helpers import copy_tree  # noqa: E402
+from helpers import copy_tree, report_into_runs  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -71,13 +71,7 @@ def tiny_runs_source(tmp_path_factory, csv_file, tiny_model_dir):
 @pytest.fixture(scope="session")
 def tiny_report_source(tmp_path_factory, tiny_runs_source):
     """The tiny runs with their quick report in FOLDER/report, as ``flatlora demo`` leaves them (read only)."""
-    from flatlora import cli
-
-    runs = copy_tree(tiny_runs_source, tmp_path_factory.mktemp("tiny-report") / "runs")
-    argv = ["report", str(runs), "--out", str(runs / "report"), "--quick", "--examples", "8", "--batch-size", "8",
-            "--no-progress"]  # fmt: skip
-    assert cli.main(argv) == 0
-    return runs
+    return report_into_runs(copy_tree(tiny_runs_source, tmp_path_factory.mktemp("tiny-report") / "runs"), 8)
 
 
 # -- causal LMs: the default LLM's tokenizer (from its GGUF file, a few seconds) and tiny models using it

@@ -38,6 +38,17 @@ def copy_tree(source: Path, dest: Path) -> Path:
     return Path(dest)
 
 
+def report_into_runs(runs: Path, examples: int) -> Path:
+    """``flatlora report RUNS --quick`` into RUNS/report on ``examples`` probe examples in one batch (as the
+    demo leaves its runs for the dashboard); returns ``runs``."""
+    from flatlora import cli
+
+    argv = ["report", str(runs), "--out", str(Path(runs) / "report"), "--quick", "--examples", str(examples),
+            "--batch-size", str(examples), "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0
+    return Path(runs)
+
+
 def examples(n_batches: int = 3, batch_size: int = 8, seed: int = 1) -> list[dict[str, torch.Tensor]]:
     """The tiny BERT task as single examples (the Trainer batches them in order)."""
     out = []

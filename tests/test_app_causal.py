@@ -7,24 +7,18 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import copy_tree
+from helpers import copy_tree, report_into_runs
 
 pytest.importorskip("streamlit")
 pytest.importorskip("gguf", reason="causal-LM tests use the default LLM's tokenizer (pip install gguf)")
 from test_app import app_on, fresh_caches  # noqa: F401  (fresh_caches: autouse here too)
 from test_app import chart_specs as specs
 
-from flatlora import cli
-
 
 @pytest.fixture(scope="module")
 def causal_folder(tmp_path_factory, tiny_causal_runs_source):
     """The session's tiny causal-LM runs with generations, and their quick report in FOLDER/report."""
-    runs = copy_tree(tiny_causal_runs_source, tmp_path_factory.mktemp("app-causal") / "runs")
-    argv = ["report", str(runs), "--out", str(runs / "report"), "--quick", "--examples", "6", "--batch-size", "6",
-            "--no-progress"]  # fmt: skip
-    assert cli.main(argv) == 0
-    return runs
+    return report_into_runs(copy_tree(tiny_causal_runs_source, tmp_path_factory.mktemp("app-causal") / "runs"), 6)
 
 
 def test_runs_page_lists_causal_runs_with_perplexity_bleu_and_generations(causal_folder, monkeypatch):

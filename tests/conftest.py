@@ -105,18 +105,18 @@ def pairs_csv(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_causal_runs_source(tmp_path_factory, pairs_csv, tiny_gpt2_dir, request):
+def tiny_causal_runs_source(tmp_path_factory, pairs_csv, tiny_gpt2_dir):
     """Four tiny causal-LM runs on the tiny GPT-2 (lora, flat-lora, eflat-lora, lora-sam), each with scored
     generations, trained once per session. Read only: copy before writing.
 
-    Java is slow-tier work (the METEOR jar takes 5 s a run to start): in the fast tier these runs are scored
-    without the Java metrics (BLEU and NIST only, the others recorded as unavailable); make test-all scores all five.
+    Scored without the Java metrics (BLEU and NIST; METEOR, ROUGE_L and CIDEr recorded as unavailable): the
+    METEOR jar takes 5 s a run to start, and no test of these runs reads them. The Java metrics of a CLI run
+    are tested on the real SmolLM2 (tests/test_llm_real.py) and against the official script (test_e2e_metrics).
     """
     from flatlora.generation import e2e_metrics
 
     methods = (("lora", 0.0), ("flat-lora", 0.5), ("eflat-lora", 0.5), ("lora-sam", 0.05))
     with pytest.MonkeyPatch.context() as patch:
-        if not slow_tier(request.config):
-            patch.setattr(e2e_metrics, "_java_setup", lambda: "the fast test tier runs no Java (make test-all does)")
+        patch.setattr(e2e_metrics, "_java_setup", lambda: "the tests' session runs are scored without Java")
         root = tmp_path_factory.mktemp("causal-runs") / "runs"
         return train_tiny_causal_runs(root, pairs_csv, tiny_gpt2_dir, methods)

@@ -31,13 +31,8 @@ def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="run tests marked slow")
 
 
-def slow_tier(config) -> bool:
-    """Whether this run includes the tests marked slow (make test-all)."""
-    return bool(config.getoption("--runslow") or os.environ.get("FLATLORA_SLOW") == "1")
-
-
 def pytest_collection_modifyitems(config, items):
-    if slow_tier(config):
+    if config.getoption("--runslow") or os.environ.get("FLATLORA_SLOW") == "1":
         return
     skip = pytest.mark.skip(reason="slow: run with --runslow or FLATLORA_SLOW=1")
     for item in items:

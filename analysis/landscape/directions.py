@@ -22,7 +22,7 @@ from torch import nn
 
 from flatlora.errors import FlatLoraError
 from flatlora.lora import LoraPair, find_lora_pairs
-from flatlora_analysis.spaces import Space
+from flatlora_analysis.spaces import Space, offset_override
 
 
 @dataclass(frozen=True)
@@ -113,9 +113,13 @@ def saved_key_map(model: nn.Module, adapter: str = "default") -> dict[str, str]:
 
 
 def delta_weight(pair: LoraPair, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """s B A in the base weight's stored layout (as peft's get_delta_weight), for other factors A, B."""
+    """s B A in the base weight's stored layout (as peft's get_delta_weight), for other factors A, B.
+
+    In the base weight's dtype, at least float32 (on a half-precision base, as the LoRA branch computes).
+    """
     w0 = pair.base_weight()
-    product = B.flatten(1).to(w0.dtype) @ A.flatten(1).to(w0.dtype)
+    dtype = torch.promote_types(w0.dtype, torch.float32)
+    product = B.flatten(1).to(dtype) @ A.flatten(1).to(dtype)
     if pair.kind == "embedding" or (pair.kind == "linear" and pair.base_transposed):
         product = product.T
     return (scaling * product).reshape(w0.shape)
@@ -176,13 +180,13 @@ def line_axes(model: nn.Module, other: str | Path | None) -> list[Axis]:
             a_key, b_key = _pair_keys(model, pair)
             lora_keys |= {a_key, b_key}
             w0 = pair.base_weight()
-            mine = pair.layer.get_delta_weight(pair.adapter).to(w0.dtype)
-            key = names[w0.data_ptr()]
+            mine = pair.layer.get_delta_weight(pair.adapter).to(torch.promote_types(w0.dtype, torch.float32))
+            key, origin = offset_override(pair, names[w0.data_ptr()])  # a half W0: a float32 offset of it
             if other is None:  # the LoRA branch still adds s B A: start from W0 - s B A
-                axes.append(Axis(key, w0.detach() - mine, mine))
+                axes.append(Axis(key, origin - mine, mine))
             else:
                 theirs_delta = delta_weight(pair, theirs[a_key], theirs[b_key], scaling)
-                axes.append(Axis(key, w0.detach(), theirs_delta - mine))
+                axes.append(Axis(key, origin, theirs_delta - mine))
         extra = [k for k in (saved_key_map(model).values()) if k not in lora_keys]
         for key in extra:  # trained heads (peft modules_to_save) and other saved tensors
             mine = params[key].detach()
@@ -211,7 +215,8 @@ def trajectory_points(model: nn.Module, space: Space, folders: list[Path]) -> to
             if e.role == "D":
                 pair = pairs[e.group]
                 a_key, b_key = _pair_keys(model, pair)
-                values.append(e.base + delta_weight(pair, theirs[a_key], theirs[b_key], scaling))
+                w0 = pair.base_weight().to(space.dtype)  # e.base is a zero on a half-precision base
+                values.append(w0 + delta_weight(pair, theirs[a_key], theirs[b_key], scaling).to(space.dtype))
             else:
                 values.append(theirs.get(e.key, e.value))
         rows.append(space.flatten(values).double())

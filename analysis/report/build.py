@@ -47,7 +47,7 @@ def _shard_of(targets: list[Target], shard: tuple[int, int] | None) -> list[Targ
     return ordered[i - 1 :: n]
 
 
-def validate_targets(targets: list[Target], settings: ReportSettings, base_model, data, device) -> None:
+def validate_targets(targets: list[Target], settings: ReportSettings, base_model, data, device, dtype=None) -> None:
     """Load each adapter on its base model and build its probe set once, so bad input fails before any write.
 
     Checked per target: the adapter loads and fits its base model, the data suits its task, the
@@ -61,7 +61,7 @@ def validate_targets(targets: list[Target], settings: ReportSettings, base_model
 
     data = ProbeData.of(data)
     for target in targets:
-        model, tokenizer = load_model(target, base_model, device="cpu")
+        model, tokenizer = load_model(target, base_model, device="cpu", dtype=dtype)
         build_space(model, settings.space)
         dim = build_space(model, settings.eig_space).dim
         if "flat-lora" in settings.kinds:
@@ -98,6 +98,7 @@ def build_report(
     progress: ProgressFactory | None = None,
     targets_progress=None,
     data_parallel: bool = False,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
     """Measure the adapters in ``paths`` and write the report (or this shard's part) into ``out``.
 
@@ -114,6 +115,8 @@ def build_report(
             products are split over the ranks' shares of the probe set and all-reduced (one
             large probe or model on several processes); False (default) gives each rank its
             share of the adapters instead.
+        dtype: the base weights' dtype (``float32``, ``bfloat16``, ``float16``); None: each
+            run's own (run.json), float32 for bare adapters. The measured spaces stay float32.
 
     Returns:
         The report dict (or the shard's).
@@ -138,7 +141,7 @@ def build_report(
     cache = Cache(out / "cache")
     error = None
     try:
-        validate_targets(mine, settings, base_model, data, device)
+        validate_targets(mine, settings, base_model, data, device, dtype)
     except FlatLoraError as err:
         error = str(err)
     if gather:  # a refusal on any rank ends every rank with the same line, before any write
@@ -159,6 +162,7 @@ def build_report(
                 device=device,
                 progress=progress,
                 data_parallel=data_parallel and world > 1,
+                dtype=dtype,
             )
         )
     if gather:
@@ -171,6 +175,7 @@ def build_report(
         "created": _now(),
         "settings": settings.to_dict(),
         "base_model": base_model,
+        "dtype": dtype,
         "data": data.spec,
         **({"data_options": data.options()} if data.options() else {}),
         "targets": [str(t.path) for t in targets],

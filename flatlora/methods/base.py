@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from flatlora import log_keys as keys
+from flatlora.base_dtype import add_weight_offset, clear_weight_offset
 from flatlora.errors import FlatLoraError
 from flatlora.lora import LoraPair, balancedness, find_lora_pairs
 from flatlora.methods.base_optimizer import all_finite, build_base_optimizer, check_factors
@@ -49,7 +50,8 @@ class LoRAMethod(torch.optim.Optimizer):
     A subclass sets ``name`` (it registers under it in :data:`flatlora.METHODS` when defined)
     and the flags ``two_pass``, ``uses_rho``, ``needs_plain_lora``, and overrides:
 
-    * ``_perturbation(grads)``: the (tensor, delta) pairs of this step's pass;
+    * ``_perturbation(grads)``: the (tensor, delta) pairs of this step's pass (a base layer
+      instead of a tensor: the delta is a float32 offset of its half-precision weight);
     * ``_before_update(rho)``: work between a finite backward and the base optimizer's step;
     * ``_extra_state()`` / ``_load_extra_state(extra)``: state beyond ``self.state``;
     * ``diagnose(loss_fn)``: optional measurements on the step's batch before its passes.
@@ -215,9 +217,18 @@ class LoRAMethod(torch.optim.Optimizer):
         self._apply(self._perturbation(grads))
 
     @torch.no_grad()
-    def _apply(self, moves: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Add each delta to its tensor, keeping a clone of the clean tensor for restore()."""
+    def _apply(self, moves: list[tuple[torch.Tensor | torch.nn.Module, torch.Tensor]]) -> None:
+        """Add each delta to its tensor, keeping a clone of the clean tensor for restore().
+
+        A move whose target is a layer (a half-precision base layer) carries its delta as a
+        float32 offset of the layer's weight (:func:`flatlora.base_dtype.add_weight_offset`),
+        which rounding to the base dtype would lose.
+        """
         for target, delta in moves:
+            if isinstance(target, torch.nn.Module):
+                add_weight_offset(target, delta)
+                self._clean.append((target, None))
+                continue
             self._clean.append((target, target.detach().clone()))
             target.add_(delta.reshape(target.shape))
 
@@ -228,7 +239,10 @@ class LoRAMethod(torch.optim.Optimizer):
         In reverse order, so that a tensor moved twice (say, by two pairs) ends at its first clone.
         """
         for target, clean in reversed(self._clean):
-            target.copy_(clean)
+            if clean is None:
+                clear_weight_offset(target)
+            else:
+                target.copy_(clean)
         self._clean = []
 
     @property

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from flatlora import log_keys as keys
+from flatlora.base_dtype import HALF_DTYPES, ensure_offset_hook
 from flatlora.errors import FlatLoraError
 from flatlora.methods.base import LoRAMethod
 
@@ -19,7 +20,9 @@ class RWPLoRA(LoRAMethod):
     noise is added to the frozen base weight, drawn once per optimizer step (so it is held
     across accumulation micro-batches) from a dedicated generator seeded with ``seed``, whose
     state is saved with the optimizer. Named rwp-lora to avoid the clash with this paper's
-    Flat-LoRA. Costs one clone of each adapted base weight while perturbed.
+    Flat-LoRA. Costs one clone of each adapted base weight while perturbed. On a half-precision
+    base the noise (often below W0's resolution) is never rounded into W0: it is a float32
+    offset whose term the layer adds in float32 (:mod:`flatlora.base_dtype`).
     """
 
     name = "rwp-lora"
@@ -33,7 +36,8 @@ class RWPLoRA(LoRAMethod):
                 "rwp-lora ramps its noise over the run: pass total_steps (the number of optimizer steps)"
             )
         for pair in self.pairs:
-            pair.base_weight()  # refuses quantized bases now rather than at the first step
+            if pair.base_weight().dtype in HALF_DTYPES:  # refuses quantized bases now rather than at the first step
+                ensure_offset_hook(pair.layer.get_base_layer())  # and base layers that cannot carry the noise
         self.seed = seed
         # One generator per device holding adapted base weights, in module order. They are
         # saved in that order and restored by position, not by device name: under DDP only
@@ -71,7 +75,11 @@ class RWPLoRA(LoRAMethod):
                 merged = merged + pair.scaling * (pair.b_matrix.float() @ pair.a_matrix.float())
             sigma = scale * merged.norm(dim=1, keepdim=True) / math.sqrt(merged.shape[1])
             noise = torch.randn(merged.shape, generator=self._generators[W0.device], device=W0.device) * sigma
-            moves.append((W0, (noise.T if transposed else noise).reshape(W0.shape).to(W0.dtype)))
+            noise = (noise.T if transposed else noise).reshape(W0.shape)
+            if W0.dtype in HALF_DTYPES:  # below W0's resolution: carried as a float32 term of the layer
+                moves.append((pairs[0].layer.get_base_layer(), noise))
+            else:
+                moves.append((W0, noise.to(W0.dtype)))
         return moves
 
     def _pairs_by_base(self) -> list[tuple[torch.Tensor, list]]:

@@ -172,12 +172,17 @@ def causal_setup(config: TrainConfig) -> TaskSetup:
     Raises:
         FlatLoraError: the data, the model or the encoding cannot be done as asked.
     """
+    from flatlora.base_dtype import torch_dtype
     from flatlora.causal_lm import DEFAULT_LLM_WEIGHTS, canonical_llm_id, is_default_llm, load_causal_lm
     from flatlora.data.lm_encode import CausalLMCollator, uses_chat_template
 
     splits = prepare_causal_data(config)
     model, tokenizer = load_causal_lm(
-        config.model, lora=config.lora_options(), seed=config.seed, gguf_file=config.gguf_file
+        config.model,
+        lora=config.lora_options(),
+        seed=config.seed,
+        gguf_file=config.gguf_file,
+        dtype=torch_dtype(config.dtype),
     )
     encoded = encode_splits(config, splits, tokenizer)
     default = is_default_llm(config.model) and config.gguf_file is None

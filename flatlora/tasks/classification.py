@@ -84,13 +84,18 @@ def classification_setup(config: TrainConfig) -> TaskSetup:
     Raises:
         FlatLoraError: the data or the model cannot be loaded as asked.
     """
+    from flatlora.base_dtype import torch_dtype
     from flatlora.data import TextClassificationCollator
     from flatlora.models import canonical_model_id, load_classifier
 
     splits = prepare_data(config)
     train = splits["train"]
     model, tokenizer = load_classifier(
-        config.model, num_labels=train.num_labels, lora=config.lora_options(), seed=config.seed
+        config.model,
+        num_labels=train.num_labels,
+        lora=config.lora_options(),
+        seed=config.seed,
+        dtype=torch_dtype(config.dtype),
     )
     data = {**config.data_spec(), "label_names": train.label_names, "sizes": {k: len(v) for k, v in splits.items()}}
     return TaskSetup(

@@ -5,6 +5,7 @@ Every measure takes a peft LoRA model and a :class:`ProbeSet`, evaluates through
 """
 
 from flatlora_analysis.balance import BalanceResult, BalanceTrajectory, balance_trajectory, balancedness
+from flatlora_analysis.checkpointing import checkpointing, disable_checkpointing, enable_checkpointing
 from flatlora_analysis.correlation import CorrelationResult, correlate, correlation_table, granulated_kendall
 from flatlora_analysis.ema_error import EmaErrorResult, ema_error_at_checkpoint, ema_error_series, ema_norm_ratio
 from flatlora_analysis.flatness import (
@@ -47,6 +48,9 @@ __all__ = [
     "measuring",
     # loading runs and adapters
     "Target",
+    "checkpointing",
+    "disable_checkpointing",
+    "enable_checkpointing",
     "load_model",
     "resolve_targets",
     # measures

@@ -60,6 +60,7 @@ def train_run(config: TrainConfig, out: str | Path, *, resume: bool = False, ove
 
     from flatlora import distributed
     from flatlora.atomic import check_writable
+    from flatlora.checkpointing import enable_gradient_checkpointing
     from flatlora.methods import make_method
     from flatlora.run_callbacks import RunDirCallback, read_books, show_progress
     from flatlora.runs import RunDir, RunIdentity, latest_checkpoint, load_run
@@ -74,6 +75,8 @@ def train_run(config: TrainConfig, out: str | Path, *, resume: bool = False, ove
         config = resolve_task(config)
         setup = setup_task(config)
         model = setup.model
+        if config.gradient_checkpointing:  # transformers' own, non-reentrant: exact for every method
+            enable_gradient_checkpointing(model)
         # Build the method once on the model now, so that its options are checked before anything is written.
         make_method(config.method, model, lr=config.lr, total_steps=config.steps, **config.method_kwargs())
         identity = RunIdentity(method=config.method, hparams=config.hparams(), data=setup.data, model=setup.model_id)
@@ -84,7 +87,9 @@ def train_run(config: TrainConfig, out: str | Path, *, resume: bool = False, ove
         check_writable(out, folder=False)  # a file at --out itself gets RunDir's own refusal
     run = RunDir.create(out, identity, resume=resume, overwrite=overwrite) if distributed.is_main() else None
     if run is not None:
-        run.update(task=config.task, **setup.run_info)
+        # gradient checkpointing: how it ran, not what it is (the identity leaves it out)
+        ran = {"gradient_checkpointing": True} if config.gradient_checkpointing else {}
+        run.update(task=config.task, **setup.run_info, **ran)
     distributed.barrier()
     try:
         trainer = FlatLoraTrainer(

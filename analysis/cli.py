@@ -10,10 +10,11 @@ import argparse
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any
 
 from flatlora.console import ProgressBars, check_device, group_rank, init_distributed, quiet_transformers
 from flatlora.errors import FlatLoraError
+from flatlora_analysis.checkpointing import checkpointed_command
+from flatlora_analysis.cli_output import memory_budget, print_costs, print_table
 
 
 def _floats(text: str) -> list[float]:
@@ -70,6 +71,7 @@ def settings_from_args(args: argparse.Namespace):
     return settings
 
 
+@checkpointed_command
 def _report(args: argparse.Namespace) -> int:
     from flatlora_analysis.report import build_report, merge_shards, parse_shard, summary_rows
 
@@ -86,6 +88,7 @@ def _report(args: argparse.Namespace) -> int:
         shard = parse_shard(args.shard)
         check_device(args.device)
         check_writable(args.out)
+        memory_budget(args)
         if shard is None:
             init_distributed()  # under torchrun, the ranks split the adapters and rank 0 writes
         rank = group_rank()
@@ -101,6 +104,7 @@ def _report(args: argparse.Namespace) -> int:
             progress=bars,
             targets_progress=lambda items: bars.iterate(items, "adapters"),
             data_parallel=args.data_parallel,
+            dtype=args.dtype,
         )
         if shard is not None:
             print(
@@ -108,28 +112,10 @@ def _report(args: argparse.Namespace) -> int:
                 f"join the shards with: flatlora report --merge --out {args.out}"
             )
             return 0
-    _print_table(summary_rows(report))
+    print_table(summary_rows(report))
+    print_costs(report)
     print(f"report: {Path(args.out) / 'report.html'} (also report.json, report.csv, report.md)")
     return 0
-
-
-def _print_table(rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    keep = (
-        ["name", "method", "test_accuracy", "test_perplexity", "test_bleu", "probe_perplexity", "gap"]
-        + [k for k in rows[0] if k.startswith("sharpness_")]
-        + ["lambda_max", "trace", "balancedness"]
-    )
-    cols = [c for c in keep if any(c in r for r in rows)]
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "|".join("---" for _ in cols) + "|")
-    for r in rows:
-        cells = []
-        for c in cols:
-            v = r.get(c)
-            cells.append("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v))
-        print("| " + " | ".join(cells) + " |")
 
 
 def probe_data(args: argparse.Namespace):
@@ -140,14 +126,16 @@ def probe_data(args: argparse.Namespace):
     return ProbeData(spec=args.data, **options)
 
 
+@checkpointed_command
 def _landscape(args: argparse.Namespace) -> int:
     from flatlora.atomic import check_writable
     from flatlora_analysis.landscape import symmetric_grid
-    from flatlora_analysis.loading import load_model
+    from flatlora_analysis.loading import load_model, measure_identity, target_dtype
     from flatlora_analysis.probe_data import build_target_probe, check_probe_fits
 
     quiet_transformers()
     check_device(args.device)
+    memory_budget(args)
     if args.steps % 2 == 0:  # the grid is symmetric around the adapter, which is its middle point
         raise FlatLoraError(
             f"--steps must be odd (the adapter is the middle point), got {args.steps}: use {args.steps + 1}"
@@ -167,7 +155,7 @@ def _landscape(args: argparse.Namespace) -> int:
         trajectory_folders(target.path)
     folder = Path(args.out) if args.out else target.path / "analysis"
     check_writable(folder)
-    model, tokenizer = load_model(target, args.base_model, device=args.device)
+    model, tokenizer = load_model(target, args.base_model, device=args.device, dtype=args.dtype)
     if other is not None:
         from flatlora_analysis.landscape.directions import adapter_tensors
 
@@ -179,7 +167,7 @@ def _landscape(args: argparse.Namespace) -> int:
     bars = ProgressBars(args.progress and rank == 0)
     from flatlora_analysis.landscape import stored_landscape
 
-    identity = target.content_hash() if args.base_model is None else f"{target.content_hash()}@{args.base_model}"
+    identity = measure_identity(target.content_hash(), args.base_model, target_dtype(target, args.dtype))
     result, reused = stored_landscape(
         [folder], identity, probe, kind, lambda: model, device=args.device, write=rank == 0,
         progress=bars(f"{target.name}: {kind} landscape"), steps=args.steps, span=args.span, space=args.space,
@@ -232,6 +220,31 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the run's, else 128)")
 
 
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    """How the model is held while measuring: the memory budget (and the base weights' dtype, checkpointing)."""
+    group = parser.add_argument_group("memory")
+    group.add_argument(
+        "--max-memory",
+        default="auto",
+        help="memory for the probe's autograd graphs, e.g. 6GB or 512MiB (default auto: a share of the memory "
+        "free when the command starts); the probe is evaluated in micro-batches that fit it",
+    )
+    group.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute each transformer layer in the backward (eval mode, same numbers to round-off): gradients "
+        "(sharpness, finite-difference products) hold far less memory for about one more forward each; "
+        "double-backward Hessian products and loss-only grids gain nothing",
+    )
+    group.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="dtype the frozen base weights are loaded in (default: a run's own, float32 for bare adapters); the "
+        "LoRA factors and every measured space stay float32, and results are stored apart per dtype",
+    )
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register the measuring commands, ``landscape`` and ``report``, on the root CLI's subcommands."""
     land = sub.add_parser(
@@ -256,6 +269,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     land.add_argument("--batch-size", type=int, default=32, help="probe batch size")
     land.add_argument("--out", help="folder of the saved landscapes (default: RUN/analysis or ADAPTER/analysis)")
     _add_data_options(land)
+    _add_model_options(land)
     land.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     land.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     land.set_defaults(func=_landscape)
@@ -272,6 +286,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     report.add_argument("paths", nargs="*", help="run directories, adapter folders, or folders of runs")
     report.add_argument("--out", required=True, help="report folder")
     _add_data_options(report)
+    _add_model_options(report)
     size = report.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="the quick preset (README: costs)")
     size.add_argument("--full", action="store_true", help="the full preset: + spectral density and per-layer curvature")

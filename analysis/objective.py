@@ -10,6 +10,7 @@ on closed-form objectives too.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -17,7 +18,9 @@ import torch
 from torch import nn
 
 from flatlora.errors import FlatLoraError
-from flatlora_analysis.guard import measuring
+from flatlora_analysis.guard import fingerprint, measuring
+from flatlora_analysis.memory import MemoryBudget, current_budget
+from flatlora_analysis.micro_batch import GraphPlan, plan_graphs, planned_probe
 from flatlora_analysis.probe import ProbeSet
 from flatlora_analysis.spaces import Space, build_space
 
@@ -81,10 +84,14 @@ class ModelObjective:
     """L(w + delta) over a probe set, delta a flat vector of ``space``; eval mode, no weight written.
 
     Use inside :func:`flatlora_analysis.guard.measuring` (the public measures do); the probe set is
-    moved to ``device`` once.
+    moved to ``device`` once. Gradients walk the probe in the batches or micro-batches whose
+    graphs fit the memory budget (:func:`flatlora_analysis.micro_batch.plan_graphs`), planned at
+    the first gradient; ``budget`` None takes :func:`flatlora_analysis.memory.current_budget`.
     """
 
-    def __init__(self, model: nn.Module, probe: ProbeSet, space: Space, device: torch.device) -> None:
+    def __init__(
+        self, model: nn.Module, probe: ProbeSet, space: Space, device: torch.device, budget: MemoryBudget | None = None
+    ) -> None:
         self.model = model
         self.probe = probe.to(device)
         self.space = space
@@ -93,6 +100,23 @@ class ModelObjective:
         self.device = device
         self.forwards = 0
         self.backwards = 0
+        self._budget = budget
+        self.plan: GraphPlan | None = None  # of gradients, once one is taken
+        self._gradient_probe: ProbeSet | None = None
+
+    @property
+    def budget(self) -> MemoryBudget:
+        """The memory budget of this objective's graphs (the context's, unless given)."""
+        if self._budget is None:
+            self._budget = current_budget(self.device)
+        return self._budget
+
+    def gradient_probe(self) -> ProbeSet:
+        """The probe as gradients walk it: its batches, or micro-batches where a batch's graph exceeds the budget."""
+        if self._gradient_probe is None:
+            self.plan = plan_graphs(self, self.budget, hessian=False)
+            self._gradient_probe = planned_probe(self.probe, self.plan)
+        return self._gradient_probe
 
     def point(self) -> torch.Tensor:
         return self.space.point()
@@ -101,9 +125,23 @@ class ModelObjective:
         self.forwards += 1
         return self.probe.batch_loss(self.model, batch, overrides)
 
+    def _clean_key(self, what: str) -> tuple:
+        """What identifies a clean evaluation: the model's parameters (identities and in-place versions),
+        the probe's content, the space and the plan of its batches."""
+        if not hasattr(self, "_probe_fingerprint"):
+            self._probe_fingerprint = self.probe.fingerprint()
+        plan = None if self.plan is None else (self.plan.mode, self.plan.rows)
+        space = (self.space.name, self.dim, str(self.dtype), str(self.device))
+        return (what, tuple(fingerprint(self.model).items()), self._probe_fingerprint, space, plan)
+
     @torch.no_grad()
     def loss(self, delta: torch.Tensor | None = None) -> float:
-        """The probe-set loss at w + delta (delta None: the clean model)."""
+        """The probe-set loss at w + delta (delta None: the clean model, shared by the measures of this model)."""
+        if delta is None:
+            return _clean(self.model, self._clean_key("loss"), lambda: self._loss(None))
+        return self._loss(delta)
+
+    def _loss(self, delta: torch.Tensor | None) -> float:
         overrides = self.space.overrides(None if delta is None else self.space.split(delta))
         total = 0.0
         for batch in self.probe.batches:
@@ -111,13 +149,20 @@ class ModelObjective:
         return total
 
     def loss_and_grad(self, delta: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
-        """The loss at w + delta and its gradient in the space (flat, ``self.dtype``)."""
+        """The loss at w + delta and its gradient in the space (flat, ``self.dtype``; the clean one shared)."""
+        if delta is None:
+            self.gradient_probe()  # the plan is part of the key
+            loss, grad = _clean(self.model, self._clean_key("grad"), lambda: self._loss_and_grad(None))
+            return loss, grad.clone()
+        return self._loss_and_grad(delta)
+
+    def _loss_and_grad(self, delta: torch.Tensor | None) -> tuple[float, torch.Tensor]:
         delta = self.space.zeros() if delta is None else delta
         grad = torch.zeros(
             self.dim, dtype=torch.float64 if self.dtype == torch.float64 else torch.float32, device=self.device
         )
         total = 0.0
-        for batch in self.probe.batches:
+        for batch in self.gradient_probe().batches:
             leaves = [d.detach().requires_grad_(True) for d in self.space.split(delta)]
             loss = self._batch_loss(batch, self.space.overrides(leaves))
             grads = torch.autograd.grad(loss, leaves, allow_unused=True)
@@ -127,8 +172,28 @@ class ModelObjective:
             total += float(loss.detach().double())
         return total, grad.to(self.dtype)
 
-    def counts(self) -> dict[str, int]:
-        return {"forward_passes": self.forwards, "backward_passes": self.backwards}
+    def counts(self) -> dict[str, Any]:
+        """Forward and backward passes so far, and the memory plan of the gradients where one was taken."""
+        out: dict[str, Any] = {"forward_passes": self.forwards, "backward_passes": self.backwards}
+        if self.plan is not None:
+            out["memory"] = self.plan.meta()
+        return out
+
+
+# The clean loss and gradient of a model on a probe, shared by the measures that start from them (a
+# report's sharpness kinds, PAC-Bayes): per model, keyed by what the value depends on, so a weight
+# changed in place (its version counter) or another probe, space or plan is computed anew. A few
+# entries per model: each value is one scalar or one vector of the space.
+_CLEAN_VALUES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Any]] = weakref.WeakKeyDictionary()
+
+
+def _clean(model: nn.Module, key: tuple, compute: Any) -> Any:
+    values = _CLEAN_VALUES.setdefault(model, {})
+    if key not in values:
+        if len(values) >= 8:
+            values.pop(next(iter(values)))
+        values[key] = compute()
+    return values[key]
 
 
 def evaluate_loss(

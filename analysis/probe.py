@@ -23,34 +23,19 @@ from flatlora.errors import FlatLoraError
 from flatlora_analysis.probe_build import (
     SPLITS,
     Batch,
+    batch_size_of,
     batches_description,
     data_parts,
     dataset_parts,
     run_parts,
+    scored_tokens,
+    shard_batches,
+    split_batches,
 )
 
 LossFn = Callable[[Any, Batch], torch.Tensor]
 __all__ = ["SPLITS", "WEIGHTINGS", "Batch", "LossFn", "ProbeSet", "batch_size_of", "scored_tokens", "takes_logits_mask"]
 WEIGHTINGS = ("examples", "tokens")
-
-
-def scored_tokens(batch: Batch) -> int:
-    """Target tokens a causal LM's loss averages over: labels after the shift that are not -100."""
-    labels = batch.get("labels")
-    if not (torch.is_tensor(labels) and labels.dim() == 2):
-        raise FlatLoraError("token weighting needs 2-D 'labels' (causal-LM batches): use weighting='examples'")
-    return int((labels[:, 1:] != -100).sum())
-
-
-def batch_size_of(batch: Batch) -> int:
-    """Examples in an HF dict batch: the length of ``labels``, else of its first tensor."""
-    labels = batch.get("labels")
-    if torch.is_tensor(labels) and labels.dim() > 0:
-        return int(labels.shape[0])
-    for value in batch.values():
-        if torch.is_tensor(value) and value.dim() > 0:
-            return int(value.shape[0])
-    raise FlatLoraError("a probe batch holds no tensor: pass HF-style dicts such as {'input_ids': ..., 'labels': ...}")
 
 
 _NO_MASK: set[type] = set()  # model classes seen to return full logits despite a logits_to_keep mask
@@ -247,24 +232,26 @@ class ProbeSet:
         Raises:
             FlatLoraError: fewer examples than ranks.
         """
-        if self.n_examples < world:
-            raise FlatLoraError(
-                f"a probe set of {self.n_examples} examples cannot be split over {world} ranks: "
-                "use more examples (--examples) or fewer processes"
-            )
-        mine = []
-        for batch in self.batches:
-            n = batch_size_of(batch)
-            rows = torch.arange(n).tensor_split(world)[rank]
-            if len(rows) == 0:
-                continue
-            lo, hi = int(rows[0]), int(rows[-1]) + 1
-            mine.append({k: v[lo:hi] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v
-                         for k, v in batch.items()})  # fmt: skip
-        if not mine:  # more ranks than rows of every batch: an empty share still joins every all-reduce
-            raise FlatLoraError(f"rank {rank} of {world} gets no probe row: use batches of at least {world} examples")
         desc = {**self.description, "shard": [rank, world]}
-        return ProbeSet(tuple(mine), self.loss_fn, desc, self.weighting, (self.n_examples, self.n_tokens))
+        batches = shard_batches(self.batches, rank, world, self.n_examples)
+        return ProbeSet(batches, self.loss_fn, desc, self.weighting, (self.n_examples, self.n_tokens))
+
+    def split_rows(self, rows: int) -> ProbeSet:
+        """The same probe set in micro-batches of at most ``rows`` rows, weighted as the whole set.
+
+        Each batch is cut into contiguous chunks; a chunk enters with its own examples (or
+        scored tokens) over the whole set's, so the loss, its gradient and Hessian products are
+        the same sums in another order. Chunks without a scored token are left out under token
+        weighting (their weight is zero, their token mean undefined).
+
+        Raises:
+            FlatLoraError: ``rows`` not a whole number >= 1.
+        """
+        chunks = split_batches(self.batches, rows, tokens=self.weighting == "tokens")  # refuses a bad rows
+        if max(self.batch_sizes) <= rows:
+            return self
+        desc = {**self.description, "micro_batch_rows": rows}
+        return ProbeSet(chunks, self.loss_fn, desc, self.weighting, (self.n_examples, self.n_tokens))
 
     def weighted_loss(self, outputs: Any, batch: Batch) -> torch.Tensor:
         """This batch's share of the probe-set mean loss: mean_b * n_b / N (or sum of per-example / N)."""

@@ -13,10 +13,80 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from flatlora.errors import FlatLoraError
 
 Batch = dict[str, Any]
 SPLITS = ("train", "dev", "test")
+
+
+def scored_tokens(batch: Batch) -> int:
+    """Target tokens a causal LM's loss averages over: labels after the shift that are not -100."""
+    labels = batch.get("labels")
+    if not (torch.is_tensor(labels) and labels.dim() == 2):
+        raise FlatLoraError("token weighting needs 2-D 'labels' (causal-LM batches): use weighting='examples'")
+    return int((labels[:, 1:] != -100).sum())
+
+
+def batch_size_of(batch: Batch) -> int:
+    """Examples in an HF dict batch: the length of ``labels``, else of its first tensor."""
+    labels = batch.get("labels")
+    if torch.is_tensor(labels) and labels.dim() > 0:
+        return int(labels.shape[0])
+    for value in batch.values():
+        if torch.is_tensor(value) and value.dim() > 0:
+            return int(value.shape[0])
+    raise FlatLoraError("a probe batch holds no tensor: pass HF-style dicts such as {'input_ids': ..., 'labels': ...}")
+
+
+def shard_batches(batches: Sequence[Batch], rank: int, world: int, n_examples: int) -> tuple[Batch, ...]:
+    """Rank ``rank``'s contiguous rows of every batch (see :meth:`flatlora_analysis.probe.ProbeSet.shard`).
+
+    Raises:
+        FlatLoraError: fewer examples than ranks, or a rank left without a row.
+    """
+    if n_examples < world:
+        raise FlatLoraError(
+            f"a probe set of {n_examples} examples cannot be split over {world} ranks: "
+            "use more examples (--examples) or fewer processes"
+        )
+    mine = []
+    for batch in batches:
+        n = batch_size_of(batch)
+        rows = torch.arange(n).tensor_split(world)[rank]
+        if len(rows) == 0:
+            continue
+        mine.append(_rows(batch, int(rows[0]), int(rows[-1]) + 1))
+    if not mine:  # more ranks than rows of every batch: an empty share still joins every all-reduce
+        raise FlatLoraError(f"rank {rank} of {world} gets no probe row: use batches of at least {world} examples")
+    return tuple(mine)
+
+
+def split_batches(batches: Sequence[Batch], rows: int, *, tokens: bool) -> tuple[Batch, ...]:
+    """Every batch cut into contiguous chunks of at most ``rows`` rows (see ``ProbeSet.split_rows``).
+
+    Under token weighting (``tokens``) a chunk without a scored token is left out.
+
+    Raises:
+        FlatLoraError: ``rows`` not a whole number >= 1.
+    """
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise FlatLoraError(f"micro-batch rows={rows!r} is invalid: pass an integer >= 1")
+    chunks = []
+    for batch in batches:
+        n = batch_size_of(batch)
+        for lo in range(0, n, rows):
+            chunk = _rows(batch, lo, min(lo + rows, n))
+            if not (tokens and scored_tokens(chunk) == 0):
+                chunks.append(chunk)
+    return tuple(chunks)
+
+
+def _rows(batch: Batch, lo: int, hi: int) -> Batch:
+    """Rows lo:hi of every tensor of the batch that has one row per example."""
+    n = batch_size_of(batch)
+    return {k: v[lo:hi] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v for k, v in batch.items()}
 
 
 def batches_description(description: dict[str, Any] | None) -> dict[str, Any]:

@@ -10,8 +10,11 @@ from pathlib import Path
 from flatlora.errors import FlatLoraError
 
 
-def app_command(runs: str, port: int, host: str) -> list[str]:
-    """The ``streamlit run`` command line of the dashboard on ``runs``."""
+def app_command(runs: str, port: int, host: str, dtype: str | None = None, max_memory: str | None = None) -> list[str]:
+    """The ``streamlit run`` command line of the dashboard on ``runs``.
+
+    ``dtype`` (the base weights') and ``max_memory`` (the graphs' budget) apply to measures computed on request.
+    """
     import importlib.util
 
     spec = importlib.util.find_spec("flatlora_app")
@@ -37,6 +40,8 @@ def app_command(runs: str, port: int, host: str) -> list[str]:
         "--",
         "--runs",
         runs,
+        *(["--dtype", dtype] if dtype is not None else []),
+        *(["--max-memory", max_memory] if max_memory is not None else []),
     ]
 
 
@@ -75,7 +80,10 @@ def _app(args: argparse.Namespace) -> int:
     if not root.is_dir():
         raise FlatLoraError(f"{args.runs} is a file: pass the folder that holds the run directories")
     port = app_address(args.host, args.port)
-    cmd = app_command(str(root.resolve()), port, args.host)
+    from flatlora_analysis.memory import parse_memory
+
+    parse_memory(args.max_memory)  # a bad size is refused before the server starts
+    cmd = app_command(str(root.resolve()), port, args.host, args.dtype, args.max_memory)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"flatlora app: http://{host}:{port} on {args.runs} (Ctrl-C stops it)", flush=True)
     sys.stderr.flush()
@@ -101,4 +109,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     app.add_argument("runs", nargs="?", default="runs/demo", help="folder of runs (default: runs/demo)")
     app.add_argument("--port", type=int, default=8501, help="port (default 8501)")
     app.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    app.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="dtype of the frozen base weights for measures computed on request (default: each run's own); the "
+        "LoRA factors and the measured spaces stay float32, and results are stored apart per dtype",
+    )
+    app.add_argument(
+        "--max-memory",
+        default="auto",
+        help="memory for the autograd graphs of measures computed on request, e.g. 6GB (default auto: a share of "
+        "the memory free at the first measure)",
+    )
     app.set_defaults(func=_app)

@@ -17,6 +17,8 @@ import streamlit as st
 
 RUNS_ENV = "FLATLORA_RUNS_DIR"
 DEFAULT_RUNS = "runs/demo"
+DTYPE_ENV = "FLATLORA_DTYPE"
+MAX_MEMORY_ENV = "FLATLORA_MAX_MEMORY"
 
 
 def default_runs_dir() -> str:
@@ -25,6 +27,34 @@ def default_runs_dir() -> str:
     if "--runs" in argv and argv.index("--runs") + 1 < len(argv):
         return argv[argv.index("--runs") + 1]
     return os.environ.get(RUNS_ENV, DEFAULT_RUNS)
+
+
+def base_dtype() -> str | None:
+    """``--dtype NAME`` after ``streamlit run app/main.py --``, else $FLATLORA_DTYPE, else None (each run's own).
+
+    Raises:
+        FlatLoraError: an unknown dtype name.
+    """
+    from flatlora.base_dtype import dtype_name
+
+    argv = sys.argv[1:]
+    given = argv[argv.index("--dtype") + 1] if "--dtype" in argv[:-1] else os.environ.get(DTYPE_ENV) or None
+    return None if given is None else dtype_name(given)
+
+
+def max_memory_setting() -> str:
+    """``--max-memory SIZE`` after ``streamlit run app/main.py --``, else $FLATLORA_MAX_MEMORY, else ``auto``.
+
+    Raises:
+        FlatLoraError: a value that is not a size.
+    """
+    from flatlora_analysis.memory import parse_memory
+
+    argv = sys.argv[1:]
+    given = argv[argv.index("--max-memory") + 1] if "--max-memory" in argv[:-1] else os.environ.get(MAX_MEMORY_ENV)
+    given = given or "auto"
+    parse_memory(given)  # refused here, in one line, rather than at the first measure
+    return given
 
 
 def runs_dir() -> str:

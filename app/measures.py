@@ -15,11 +15,23 @@ import streamlit as st
 
 
 @st.cache_resource(show_spinner="loading the adapter ...")
-def run_model(path: str):
-    """The run's peft model, in eval mode (loaded once per session)."""
+def run_model(path: str, dtype: str | None = None):
+    """The run's peft model, in eval mode, its base weights in ``dtype`` (None: the run's own; loaded once)."""
     from flatlora_analysis import load_model
 
-    return load_model(path)[0]
+    return load_model(path, dtype=dtype)[0]
+
+
+def _identity(path: str) -> tuple[str, str | None]:
+    """(the key a run's results are stored by, the dtype the dashboard measures in: ``flatlora app --dtype``)."""
+    from flatlora.base_dtype import dtype_name
+    from flatlora.runs import load_run
+    from flatlora_analysis.loading import adapter_hash, measure_identity
+    from flatlora_app.loaders import base_dtype
+
+    dtype = base_dtype()
+    resolved = dtype_name(dtype or load_run(path).hparams.get("dtype"))
+    return measure_identity(adapter_hash(_adapter(path)), None, resolved), dtype
 
 
 @st.cache_resource(show_spinner="building the probe set ...")
@@ -56,19 +68,18 @@ def landscape(
     saved in RUN/analysis.
     """
     from flatlora_analysis.landscape import landscape_call, stored_landscape
-    from flatlora_analysis.loading import adapter_hash
     from flatlora_analysis.store import find, result_key
 
     probe = probe_set(path, settings["split"], settings["n"], settings["batch_size"])
     options = {"steps": settings["steps"], "span": None if kind == "pca" else settings["span"],
                "space": settings["space"], "seed": settings["seed"], "run": path if kind == "pca" else None,
                "other": None if other is None else _adapter(other)}  # fmt: skip
-    identity = adapter_hash(_adapter(path))
+    identity, dtype = _identity(path)
     if not compute:
         name, _, key = landscape_call(kind, **options)
         return find(_stores(path, root), result_key(identity, probe.fingerprint(), name, key))
     return stored_landscape(
-        _stores(path, root), identity, probe, kind, lambda: run_model(path), progress=progress, **options
+        _stores(path, root), identity, probe, kind, lambda: run_model(path, dtype), progress=progress, **options
     )[0]
 
 
@@ -93,14 +104,13 @@ def curvature(
     """
     import dataclasses
 
-    from flatlora_analysis.loading import adapter_hash
     from flatlora_analysis.registry import measure as registry_measure
     from flatlora_analysis.report.measure import report_measures
     from flatlora_analysis.results import Result
     from flatlora_analysis.store import cached, find, result_key
 
     probe = probe_set(path, settings.split, settings.n, settings.batch_size)
-    identity, fingerprint = adapter_hash(_adapter(path)), probe.fingerprint()
+    (identity, dtype), fingerprint = _identity(path), probe.fingerprint()
     # a report of the shared engine stored its Hessian measures as one result: its part, if it has one
     shared = {label: (n, g) for label, n, g in report_measures("classification", settings)}.get("hessian.curvature")
     if shared is not None:
@@ -124,6 +134,11 @@ def curvature(
         return find(_stores(path, root), result_key(identity, fingerprint, name, complete))
 
     def run():
-        return m.compute(run_model(path), probe, complete, progress=progress)
+        from flatlora_analysis.loading import default_device
+        from flatlora_analysis.memory import max_memory
+        from flatlora_app.loaders import max_memory_setting
+
+        with max_memory(max_memory_setting(), default_device()):  # flatlora app --max-memory
+            return m.compute(run_model(path, dtype), probe, complete, progress=progress)
 
     return cached(_stores(path, root), identity, fingerprint, name, complete, run)[0]

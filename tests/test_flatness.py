@@ -221,3 +221,25 @@ def test_the_classifier_measures_refuse_a_causal_lm_probe():
         logit_normalized(probe)
     with pytest.raises(FlatLoraError, match=r"nn\.Linear"):
         relative_flatness(model, classifier_and_probe()[1], layer="nope")
+
+
+@pytest.mark.parametrize("curvature", [1.0, 30.0, 1e-3])
+def test_the_brent_search_meets_the_bisection_in_fewer_evaluations(curvature):
+    """Both searches stop on a bracket of ratio 1 + rtol around one root; the secant (Brent) needs fewer draws."""
+    H = curvature * torch.diag(torch.tensor([3.0, 1.0, 0.5, 0.2], dtype=torch.float64))
+    w0 = torch.tensor([0.5, -1.0, 2.0, 0.1], dtype=torch.float64)
+
+    class Quartic(Quadratic):  # not linear in sigma^2: the secant's guess is off and must be corrected
+        def loss(self, delta):
+            d = torch.zeros_like(w0) if delta is None else delta
+            return super().loss(delta) + float(curvature * (d**4).sum())
+
+    for objective in (Quadratic(w0, H), Quartic(w0, H)):
+        secant = pac_bayes_sigma(objective, 0.05, samples=3, rtol=0.01, seed=2)
+        bisection = pac_bayes_sigma(objective, 0.05, samples=3, rtol=0.01, seed=2, search="bisection")
+        assert secant["bracket"] == bisection["bracket"] == "met"
+        assert secant["sigma"] == pytest.approx(bisection["sigma"], rel=0.02)
+        assert secant["increase"] == pytest.approx(0.05, rel=0.03)
+        assert secant["evaluations"] <= 8 < 12 <= bisection["evaluations"]
+    with pytest.raises(FlatLoraError, match="search"):
+        pac_bayes_sigma(Quadratic(w0, H), 0.1, search="golden")

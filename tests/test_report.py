@@ -70,9 +70,31 @@ def assert_close_but_meta(a, b, rel: float, where: str = "") -> None:
         assert a == b, (where, a, b)
 
 
+def _without_cost(value):
+    """``value`` without what the machine decides (seconds, memory plans; at every depth): what two runs share."""
+    if isinstance(value, dict):
+        return {k: _without_cost(v) for k, v in value.items() if k not in ("cost", "memory")}
+    if isinstance(value, list):
+        return [_without_cost(v) for v in value]
+    return value
+
+
+def first_difference(a, b, path: str = "") -> str:
+    """Where two JSON values first differ (``entries[0].hessian.trace.value: 1.0 != 1.1``), for assertion messages."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return first_difference(a.get(key), b.get(key), f"{path}.{key}")
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return first_difference(x, y, f"{path}[{i}]")
+    return f"{path}: {a!r:.200} != {b!r:.200}"
+
+
 def entries_without_timing(report_json: Path) -> list[dict]:
     report = json.loads(report_json.read_text())
-    return [{k: v for k, v in e.items() if k != "timing"} for e in report["entries"]]
+    return [_without_cost({k: v for k, v in e.items() if k != "timing"}) for e in report["entries"]]
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -192,7 +214,8 @@ def test_sharded_two_ways_then_merged_equals_the_unsharded_report(runs, quick_re
         assert cli.main(["report", str(runs), "--out", str(sharded), "--shard", f"{i}/2", *QUICK]) == 0
     assert not (sharded / "report.json").exists()
     assert cli.main(["report", "--merge", "--out", str(sharded), "--no-progress"]) == 0
-    assert entries_without_timing(sharded / "report.json") == entries_without_timing(whole / "report.json")
+    got, want = entries_without_timing(sharded / "report.json"), entries_without_timing(whole / "report.json")
+    assert got == want, first_difference(got, want)
 
 
 @pytest.mark.slow

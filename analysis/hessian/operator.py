@@ -14,7 +14,9 @@ from typing import Any
 import torch
 
 from flatlora.errors import FlatLoraError
+from flatlora_analysis.checkpointing import checkpointing_meta, suspended
 from flatlora_analysis.hessian.operators import DenseOperator, ShiftedOperator, as_linear_operator
+from flatlora_analysis.micro_batch import GraphPlan, plan_graphs, planned_probe
 from flatlora_analysis.objective import ModelObjective, double_backward_attention
 
 HVP_METHODS = ("autograd", "fd", "auto")
@@ -25,9 +27,12 @@ class HessianOperator:
     """v -> H v, H the Hessian of the probe-set loss in a space at the clean point.
 
     ``method="autograd"``: double backward, each batch weighted by its share of examples.
-    With one probe batch the gradient graph is built once and reused for every product (as
-    PyHessian does); with several it is rebuilt per batch and product, so memory stays that
-    of one batch. ``method="fd"``: central differences of gradients,
+    Where the whole probe's graphs fit the memory budget (the objective's), each batch's
+    gradient graph is built once and kept for every product (as PyHessian does); otherwise it
+    is rebuilt per batch (or micro-batch, :func:`flatlora_analysis.micro_batch.plan_graphs`)
+    and product, and only one such graph is held at a time; a block of products (``matmat``)
+    then shares each graph across its columns. ``retain_graph`` True/False forces either way
+    on the probe's own batches. ``meta["memory"]`` records the plan. ``method="fd"``: central differences of gradients,
     (g(eps v) - g(-eps v)) / (2 eps), the documented fallback for models whose kernels have
     no double backward (accurate to about eps^2; ``fd_eps`` is relative to ||w||). ``"auto"``
     tries double backward and falls back to ``fd`` where it is not implemented.
@@ -54,7 +59,6 @@ class HessianOperator:
         self.dtype = objective.dtype
         self.device = objective.device
         self.method = method
-        self.retain_graph = len(objective.probe.batches) == 1 if retain_graph is None else retain_graph
         self.fd_eps = fd_eps
         self.n_products = 0
         self.n_calls = 0  # backward passes through the graph: a block of k products is one
@@ -74,6 +78,21 @@ class HessianOperator:
         self.attention = self._stack.enter_context(double_backward_attention(objective.model))
         self.meta: dict[str, Any] = {"hvp": method, "attention": self.attention, "dim": self.dim,
                                      "block_size": self.block_size}  # fmt: skip
+        self.meta.update(checkpointing_meta(objective.model))
+        if "checkpointing" in self.meta:  # a create_graph backward keeps the recomputed activations anyway
+            self.meta["checkpointing"]["double_backward"] = "suspended"
+        self.plan: GraphPlan | None = None
+        self.batches = objective.probe.batches
+        if retain_graph is not None:
+            self.retain_graph = retain_graph
+        elif method == "fd":  # gradients only: the objective plans those
+            self.retain_graph = False
+        else:  # the plan's estimate runs in the attention products use
+            self.plan = plan_graphs(objective, objective.budget, hessian=True)
+            self.retain_graph = self.plan.mode == "kept"
+            self.batches = planned_probe(objective.probe, self.plan).batches
+            self.meta["memory"] = self.plan.meta()
+        self.graph_builds = 0  # forward + create_graph backward passes: a streamed product's extra cost
         if reduce is not None:
             self.meta["data_parallel"] = True
 
@@ -133,6 +152,17 @@ class HessianOperator:
         if self.block_size == 1 and self.batched is None:
             self.meta["batched"] = False
             self.meta["batched_reason"] = "block_size 1 (a CPU's default: batching buys nothing there)"
+        if (
+            self.method == "autograd"
+            and not self.retain_graph
+            and k > 1
+            and (self.block_size == 1 or self.batched is False)
+        ):
+            out = self._streamed_columns(V)
+            if self.reduce is not None:
+                self.reduce(out)
+            self._count(k)
+            return out
         if self.method != "autograd" or self.batched is False or k == 1 or self.block_size == 1:
             return torch.stack([self.matvec(V[:, j]) for j in range(k)], 1)
         blocks = []
@@ -186,6 +216,7 @@ class HessianOperator:
             total += torch.cat([next(flat).reshape(-1).to(self.dtype) if grads[i].requires_grad
                                 else torch.zeros(n, dtype=self.dtype, device=self.device)
                                 for i, n in zip(sel, sizes)])  # fmt: skip
+            del leaves, grads, used, hv, flat  # a streamed graph goes before the next is built
         if self.reduce is not None:
             self.reduce(total)
         self._count(1)
@@ -204,15 +235,20 @@ class HessianOperator:
     def _count(self, products: int) -> None:
         self.n_products += products
         self.n_calls += 1
+        self.meta.update(self.objective.counts(), graph_builds=self.graph_builds)
+        if self.plan is not None:  # the products' plan, not the gradients' (finite differences)
+            self.meta["memory"] = self.plan.meta()
         if self.progress is not None:
             self.progress(min(self.n_products, self.budget), max(self.budget, 1))
 
     def _graph(self, batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         obj = self.objective
         leaves = [d.detach().requires_grad_(True) for d in self.space.split(self.space.zeros())]
-        loss = obj._batch_loss(batch, self.space.overrides(leaves))
-        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        with suspended():  # checkpointed layers run plain: checkpointing cannot shrink a double-backward graph
+            loss = obj._batch_loss(batch, self.space.overrides(leaves))
+            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         obj.backwards += 1
+        self.graph_builds += 1
         return leaves, [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
 
     def _autograd(self, v: torch.Tensor) -> torch.Tensor:
@@ -243,14 +279,38 @@ class HessianOperator:
             flat = [(torch.zeros(p.shape, dtype=self.dtype, device=self.device) if h is None else h).reshape(shape)
                     for h, p in zip(hv, parts)]  # fmt: skip
             total += torch.cat([f.to(self.dtype) for f in flat], dim=-1)
+            del leaves, grads, used, hv, flat  # a streamed graph goes before the next is built
+        return total
+
+    def _streamed_columns(self, V: torch.Tensor) -> torch.Tensor:
+        """H V column by column, each (micro-)batch's graph built once for all k columns, then freed."""
+        k = V.shape[1]
+        columns = [self.space.split(V[:, j]) for j in range(k)]
+        total = torch.zeros((self.dim, k), dtype=self.dtype, device=self.device)
+        for batch in self.batches:
+            leaves, grads = self._graph(batch)
+            live = [i for i, g in enumerate(grads) if g.requires_grad]
+            if live:
+                for j, parts in enumerate(columns):
+                    hv = torch.autograd.grad(
+                        [grads[i] for i in live],
+                        leaves,
+                        grad_outputs=[parts[i] for i in live],
+                        retain_graph=j < k - 1,
+                        allow_unused=True,
+                    )
+                    total[:, j] += torch.cat([(torch.zeros_like(p) if h is None else h).reshape(-1).to(self.dtype)
+                                              for h, p in zip(hv, parts)])  # fmt: skip
+                    del hv
+            del leaves, grads
         return total
 
     def _graphs_now(self):
         if self.retain_graph:
             if self._graphs is None:
-                self._graphs = [self._graph(b) for b in self.objective.probe.batches]
+                self._graphs = [self._graph(b) for b in self.batches]
             return self._graphs
-        return (self._graph(b) for b in self.objective.probe.batches)
+        return (self._graph(b) for b in self.batches)
 
     def _finite_difference(self, v: torch.Tensor) -> torch.Tensor:
         norm = v.norm()

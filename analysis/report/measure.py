@@ -10,6 +10,7 @@ only when some measure of the adapter is not stored yet.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ from flatlora.errors import FlatLoraError
 from flatlora_analysis.loading import Target
 from flatlora_analysis.probe_data import ProbeData, build_target_probe
 from flatlora_analysis.registry import measure
+from flatlora_analysis.report.cost import cost_of, gradient_seconds
 from flatlora_analysis.report.settings import ReportSettings
 from flatlora_analysis.store import ResultStore, cached
 
@@ -49,16 +51,27 @@ Cache = ResultStore  # the report's store (OUT/cache); the name the report modul
 class _Lazy:
     """The model and probe set of a target, loaded on first use."""
 
-    def __init__(self, target: Target, settings: ReportSettings, base_model, data, device) -> None:
+    def __init__(self, target: Target, settings: ReportSettings, base_model, data, device, dtype=None) -> None:
         self.target, self.settings, self.base_model, self.data, self.device = target, settings, base_model, data, device
+        self.dtype = dtype  # the base weights' dtype (None: the run's own, else float32)
         self._model = self._probe = self._tokenizer = None
+        self._gradient_seconds: float | None = None
+
+    @property
+    def gradient_seconds(self) -> float:
+        """Seconds of one gradient over the probe with this model: the unit of every measure's cost."""
+        if self._gradient_seconds is None:
+            self._gradient_seconds = gradient_seconds(self.model, self.probe, self.device)
+        return self._gradient_seconds
 
     @property
     def model(self):
         if self._model is None:
             from flatlora_analysis.loading import load_model
 
-            self._model, self._tokenizer = load_model(self.target, self.base_model, device=self.device)
+            self._model, self._tokenizer = load_model(
+                self.target, self.base_model, device=self.device, dtype=self.dtype
+            )
         return self._model
 
     @property
@@ -151,14 +164,18 @@ def measure_target(
     device=None,
     progress: ProgressFactory | None = None,
     data_parallel: bool = False,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
     """The report entry of one adapter: identity, task, run metrics, and every measure of ``settings``.
 
     ``data_parallel`` (every rank of a process group calls this with the same arguments): rank
     0 decides whether each result is stored, every rank computes what is not (the Hessian
     measures with data-parallel products, the rest alike on each), and rank 0 alone writes.
+    ``dtype`` is the base weights' (None: a run's own, else float32); it is part of the
+    results' identity, so a bfloat16 measure is never served from a float32 one's store.
     """
     from flatlora_analysis import balance, ema_error
+    from flatlora_analysis.loading import measure_identity, target_dtype
     from flatlora_analysis.probe_data import target_task
 
     data = ProbeData.of(data)
@@ -176,11 +193,13 @@ def measure_target(
         "model": (run.info.get("model") if run is not None else None) or base_model,
         "metrics": run.final if run is not None else {},
         "probe": probe_spec(target, settings, data),
+        "dtype": target_dtype(target, dtype),
         "timing": {},
+        "cost": {"gradient_seconds": None, "measures": {}},
     }
-    lazy = _Lazy(target, settings, base_model, data, device)
-    # the same adapter on another base model is another model: the base is part of its identity
-    identity = adapter_hash if base_model is None else f"{adapter_hash}@{base_model}"
+    lazy = _Lazy(target, settings, base_model, data, device, entry["dtype"])
+    # the same adapter on another base model, or in another dtype, is another model: part of its identity
+    identity = measure_identity(adapter_hash, base_model, entry["dtype"])
     fingerprint = lazy.probe.fingerprint()
     run_store = [ResultStore(run.path / "analysis")] if run is not None else []
 
@@ -202,13 +221,23 @@ def measure_target(
         bar = f"{target.name}: {PROGRESS_LABELS.get(label.split('.')[-1], short)}"
 
         def compute(m=m, complete=complete, bar=bar):  # a progress bar only for what is computed
+            unit = lazy.gradient_seconds  # the unit of cost, timed once before the first measure
             bars = progress and progress(bar)
             where = {"device": device, "progress": bars, "data_parallel": data_parallel}
-            return m.compute(lazy.model, lazy.probe, complete, **where)
+            start = time.perf_counter()
+            value = m.compute(lazy.model, lazy.probe, complete, **where)
+            cost = cost_of(value, time.perf_counter() - start, unit)
+            for part in value if isinstance(value, list) else [value]:
+                part.meta["cost"] = cost
+            return value
 
         # a run's 1-D landscape is stored with the run, where the dashboard and flatlora landscape find it
         stores = [*run_store, cache] if name == "landscape_1d" else None
         value = stored(label, name, complete, compute, stores)
+        cost = (value[0] if isinstance(value, list) else value).get("meta", {}).get("cost")
+        if cost is not None:
+            entry["cost"]["measures"][label] = cost
+            entry["cost"]["gradient_seconds"] = entry["cost"]["gradient_seconds"] or cost.get("gradient_seconds")
         if label.startswith("sharpness-"):
             entry["sharpness"] += value
         elif label.startswith("flatness."):
@@ -249,7 +278,9 @@ def measure_target(
                     "ema_error",
                     "ema_error_at_checkpoint",
                     complete,
-                    lambda: ema_error.ema_error_at_checkpoint(run, lazy.probe, checkpoint=checkpoint, device=device),
+                    lambda: ema_error.ema_error_at_checkpoint(
+                        run, lazy.probe, checkpoint=checkpoint, device=device, dtype=entry["dtype"]
+                    ),
                 )
     return entry
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from flatlora.runs import atomic_write_json, atomic_write_text
+from flatlora_analysis.report.cost import cost_markdown
 from flatlora_analysis.report.tables import report_correlation, summary_rows
 
 
@@ -69,6 +70,7 @@ def to_markdown(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                 f"| {c['measure']} | {c['target']} | {_ci(c['kendall'])} | {_ci(c['spearman'])} | "
                 f"{_ci(c['granulated'])} |"
             )
+    lines += cost_markdown(report)
     return "\n".join(lines) + "\n"
 
 

@@ -336,3 +336,18 @@ def test_report_progress_is_plain_lines_when_stderr_is_not_a_terminal(quick_repo
     entry = json.loads((out / "report.json").read_text())["entries"][0]
     assert set(entry["hessian"]["shares"]) == {"trace"} and entry["hessian"]["engine"]["name"] == "shared"
     assert entry["hessian"]["trace"]["meta"]["sketch"] == "lanczos basis"
+
+
+def test_every_measure_states_its_cost_in_gradients_and_the_memory_plan(quick_report):
+    out, stdout, stderr = quick_report
+    report = json.loads((out / "report.json").read_text())
+    for entry in report["entries"]:
+        cost = entry["cost"]
+        assert cost["gradient_seconds"] > 0 and {"sharpness-sam", "hessian.curvature"} <= set(cost["measures"])
+        curvature = cost["measures"]["hessian.curvature"]
+        assert curvature["products"] > 0 and curvature["graph_builds"] >= 1
+        assert curvature["gradients"] == pytest.approx(curvature["seconds"] / curvature["gradient_seconds"])
+        memory = entry["hessian"]["top_eigenvalues"]["meta"]["memory"]
+        assert memory["mode"] in ("kept", "batches", "micro-batches") and memory["budget_source"].startswith("auto")
+    assert "## Cost" in (out / "report.md").read_text() and "cost of " in stdout
+    assert stderr.count("flatlora: memory for Hessian products") == 1  # told once, however many adapters

@@ -82,7 +82,7 @@ class HessianOperator:
         if "checkpointing" in self.meta:  # a create_graph backward keeps the recomputed activations anyway
             self.meta["checkpointing"]["double_backward"] = "suspended"
         self.plan: GraphPlan | None = None
-        self.batches = objective.probe.batches
+        self._walk: tuple[Any, tuple] | None = None  # (the probe walked, its batches as the plan splits them)
         if retain_graph is not None:
             self.retain_graph = retain_graph
         elif method == "fd":  # gradients only: the objective plans those
@@ -90,11 +90,23 @@ class HessianOperator:
         else:  # the plan's estimate runs in the attention products use
             self.plan = plan_graphs(objective, objective.budget, hessian=True)
             self.retain_graph = self.plan.mode == "kept"
-            self.batches = planned_probe(objective.probe, self.plan).batches
             self.meta["memory"] = self.plan.meta()
         self.graph_builds = 0  # forward + create_graph backward passes: a streamed product's extra cost
         if reduce is not None:
             self.meta["data_parallel"] = True
+
+    @property
+    def batches(self) -> tuple:
+        """The batches products walk: the objective's probe as the plan splits it (a probe set replaced later,
+        such as a rank's shard, is split the same way)."""
+        probe = self.objective.probe
+        if self._walk is None or self._walk[0] is not probe:
+            self._walk = (probe, planned_probe(probe, self.plan).batches if self.plan is not None else probe.batches)
+        return self._walk[1]
+
+    @batches.setter
+    def batches(self, batches: tuple) -> None:
+        self._walk = (self.objective.probe, tuple(batches))
 
     def __enter__(self) -> HessianOperator:
         return self

@@ -127,12 +127,15 @@ class ModelObjective:
 
     def _clean_key(self, what: str) -> tuple:
         """What identifies a clean evaluation: the model's parameters (identities and in-place versions),
-        the probe's content, the space and the plan of its batches."""
+        the probe's content and loss, the space and the plan of its batches."""
         if not hasattr(self, "_probe_fingerprint"):
             self._probe_fingerprint = self.probe.fingerprint()
         plan = None if self.plan is None else (self.plan.mode, self.plan.rows)
         space = (self.space.name, self.dim, str(self.dtype), str(self.device))
-        return (what, tuple(fingerprint(self.model).items()), self._probe_fingerprint, space, plan)
+        # the loss itself: a custom loss_fn (adaptive sharpness's normalized logits) is another function of the
+        # same batches; the key holds the function, so its id cannot be reused by another while the value lives
+        loss = (self.probe.loss_fn, self.probe.weighting, self.probe.totals)
+        return (what, tuple(fingerprint(self.model).items()), self._probe_fingerprint, loss, space, plan)
 
     @torch.no_grad()
     def loss(self, delta: torch.Tensor | None = None) -> float:

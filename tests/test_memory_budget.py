@@ -163,3 +163,16 @@ def test_report_and_landscape_refuse_a_bad_budget_in_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert "--max-memory 'plenty' is not a size" in err and "\n" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_probe_with_another_loss_is_not_served_the_shared_clean_loss(model, probe):
+    """The same batches under a custom loss_fn are another objective: its clean loss is its own."""
+    import dataclasses
+
+    from flatlora_analysis import evaluate_loss
+
+    m, _ = model
+    doubled = dataclasses.replace(probe, loss_fn=lambda outputs, batch: 2 * outputs.loss)
+    plain = evaluate_loss(m, probe)
+    assert evaluate_loss(m, doubled) == pytest.approx(2 * plain, rel=1e-6)  # not the shared plain loss (1x)
+    assert evaluate_loss(m, probe) == plain

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from helpers import args_for, examples, trainable
+from test_hf_trainer import OPTIONS  # each method's options, as the trainer tests give them
 from transformers import default_data_collator
 
 from flatlora import METHODS, FlatLoraError, make_method
@@ -29,14 +30,6 @@ from flatlora_analysis.objective import ModelObjective
 from flatlora_analysis.probe import ProbeSet
 from flatlora_analysis.spaces import build_space
 
-OPTIONS = {
-    "lora": {},
-    "lora-sam": {"rho": 0.05},
-    "flat-lora": {"rho": 0.05},
-    "eflat-lora": {"rho": 0.05, "beta": 0.8},
-    "rwp-lora": {"rho": 0.05, "seed": 3},
-    "bar": {"rho": 0.05},
-}
 STEPS = 3
 
 

@@ -50,13 +50,23 @@ def attention_implementations(model: nn.Module) -> set[str]:
     return found
 
 
+def double_backward_attention_used(model: nn.Module) -> str:
+    """What :func:`double_backward_attention` runs on the model: eager, sdpa (math backend) or eager (switched)."""
+    impls = attention_implementations(model)
+    if impls <= {"eager"}:
+        return "eager"
+    return "sdpa (math backend)" if impls <= {"eager", "sdpa"} else "eager (switched)"
+
+
 @contextlib.contextmanager
 def double_backward_attention(model: nn.Module) -> Iterator[str]:
     """Attention that supports double backward, for HVPs; yields what was used.
 
     SDPA's fused CPU and flash kernels have no double backward: SDPA runs on its math backend
     here. Other fused implementations (flash_attention_2, flex) are switched to eager for the
-    duration and switched back.
+    duration and switched back. The SDPA backends are process-wide flags: hold this around the
+    forwards that build a double-backward graph only (the backward needs it no longer), never
+    across an object's lifetime, which would leave them set for every model of the process.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -66,10 +76,7 @@ def double_backward_attention(model: nn.Module) -> Iterator[str]:
         impl = getattr(config, "_attn_implementation", None)
         if isinstance(impl, str) and impl not in ("eager", "sdpa") and (config, impl) not in switched:
             switched.append((config, impl))
-    impls = attention_implementations(model)
-    used = (
-        "eager" if impls <= {"eager"} else "sdpa (math backend)" if impls <= {"eager", "sdpa"} else "eager (switched)"
-    )
+    used = double_backward_attention_used(model)
     try:
         for config, _ in switched:
             config._attn_implementation = "eager"

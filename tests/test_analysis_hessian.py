@@ -223,3 +223,34 @@ def test_sdpa_models_get_a_double_backward_attention_and_say_so():
     result = top_eigenvalues(model, probe, k=1, max_iter=5)
     assert result.meta["attention"] == "sdpa (math backend)"
     assert model.base_model.model.config._attn_implementation == "sdpa"
+
+
+def sdpa_flags() -> tuple[bool, ...]:
+    cuda = torch.backends.cuda
+    return (
+        cuda.flash_sdp_enabled(),
+        cuda.mem_efficient_sdp_enabled(),
+        cuda.math_sdp_enabled(),
+        cuda.cudnn_sdp_enabled(),
+    )
+
+
+@pytest.mark.parametrize("retain_graph", [True, False])
+def test_an_operator_left_open_leaves_the_process_attention_as_it_was(retain_graph):
+    """SDPA's backends are process-wide flags: an operator sets them around each graph's forward only, so one
+    never closed (a notebook's) cannot leave every later model of the process on the math kernel, whose other
+    rounding had moved a later report's clean loss in its last bits."""
+    from flatlora_analysis.hessian.operator import HessianOperator
+    from flatlora_analysis.objective import ModelObjective
+
+    model = tiny_model("bert")
+    model.base_model.model.config._attn_implementation = "sdpa"
+    probe = ProbeSet.from_batches(tiny_batches("bert", 2, 4))
+    before = sdpa_flags()
+    op = HessianOperator(ModelObjective(model, probe, build_space(model, "lora"), torch.device("cpu")), "autograd",
+                         retain_graph=retain_graph)  # fmt: skip
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0))
+    hv = op.matvec(v)  # a double backward through SDPA: its forward ran on the math backend
+    assert sdpa_flags() == before and op.meta["attention"] == "sdpa (math backend)" and op.meta["hvp"] == "autograd"
+    assert torch.allclose(op.matmat(torch.stack([v, 2 * v], 1)), torch.stack([hv, 2 * hv], 1), rtol=1e-4, atol=1e-6)
+    assert sdpa_flags() == before

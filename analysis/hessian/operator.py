@@ -6,7 +6,6 @@ shifted, deflated) and the random probe vectors live in :mod:`flatlora_analysis.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +16,7 @@ from flatlora.errors import FlatLoraError
 from flatlora_analysis.checkpointing import checkpointing_meta, suspended
 from flatlora_analysis.hessian.operators import DenseOperator, ShiftedOperator, as_linear_operator
 from flatlora_analysis.micro_batch import GraphPlan, plan_graphs, planned_probe
-from flatlora_analysis.objective import ModelObjective, double_backward_attention
+from flatlora_analysis.objective import ModelObjective, double_backward_attention, double_backward_attention_used
 
 HVP_METHODS = ("autograd", "fd", "auto")
 __all__ = ["HVP_METHODS", "DenseOperator", "HessianOperator", "ShiftedOperator", "as_linear_operator"]
@@ -74,8 +73,7 @@ class HessianOperator:
         self.progress: Callable[[int, int], None] | None = None
         self.budget = 0  # products expected, for progress reports
         self._graphs: list[tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
-        self._stack = contextlib.ExitStack()
-        self.attention = self._stack.enter_context(double_backward_attention(objective.model))
+        self.attention = double_backward_attention_used(objective.model)  # entered around each graph's forward
         self.meta: dict[str, Any] = {"hvp": method, "attention": self.attention, "dim": self.dim,
                                      "block_size": self.block_size}  # fmt: skip
         self.meta.update(checkpointing_meta(objective.model))
@@ -88,7 +86,8 @@ class HessianOperator:
         elif method == "fd":  # gradients only: the objective plans those
             self.retain_graph = False
         else:  # the plan's estimate runs in the attention products use
-            self.plan = plan_graphs(objective, objective.budget, hessian=True)
+            with double_backward_attention(objective.model):
+                self.plan = plan_graphs(objective, objective.budget, hessian=True)
             self.retain_graph = self.plan.mode == "kept"
             self.meta["memory"] = self.plan.meta()
         self.graph_builds = 0  # forward + create_graph backward passes: a streamed product's extra cost
@@ -115,9 +114,8 @@ class HessianOperator:
         self.close()
 
     def close(self) -> None:
-        """Free retained graphs and restore the attention implementation."""
+        """Free the retained graphs."""
         self._graphs = None
-        self._stack.close()
 
     # -- products ------------------------------------------------------------------------------
 
@@ -256,7 +254,8 @@ class HessianOperator:
     def _graph(self, batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         obj = self.objective
         leaves = [d.detach().requires_grad_(True) for d in self.space.split(self.space.zeros())]
-        with suspended():  # checkpointed layers run plain: checkpointing cannot shrink a double-backward graph
+        # checkpointed layers run plain: checkpointing cannot shrink a double-backward graph
+        with suspended(), double_backward_attention(obj.model):
             loss = obj._batch_loss(batch, self.space.overrides(leaves))
             grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         obj.backwards += 1

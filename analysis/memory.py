@@ -73,8 +73,8 @@ def free_memory(device: str | torch.device = "cpu") -> int:
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     available = _meminfo_available()
-    limit = _cgroup_room()
-    known = [b for b in (available, limit) if b is not None]
+    room = _cgroup_room()
+    known = [b for b in (available, room) if b is not None]
     if known:
         return min(known)
     try:  # not Linux: psutil where installed, else assume 8 GiB
@@ -95,15 +95,41 @@ def _meminfo_available() -> int | None:
     return None
 
 
-def _cgroup_room() -> int | None:
-    """The cgroup v2 limit less its usage, where a limit is set."""
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit == "max":
+def _cgroup_room(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The container's memory limit less what it holds and cannot drop, where a limit is set.
+
+    The cgroup's usage counts its page cache, which fills up to the limit after enough file
+    I/O (a pip install, a suite of tests) and is reclaimed on demand: the inactive file pages
+    are subtracted, as the kubelet's and ``docker stats``'s working set does. cgroup v2, else v1.
+    """
+    for limit_file, usage_file, inactive_key in (
+        ("memory.max", "memory.current", "inactive_file"),  # v2
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "total_inactive_file"),  # v1
+    ):
+        try:
+            limit_text = (root / limit_file).read_text().strip()
+            if limit_text == "max":
+                return None
+            limit, usage = int(limit_text), int((root / usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit >= 2**60:  # v1 writes "no limit" as a huge number
             return None
-        return int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        stat = (root / usage_file).parent / "memory.stat"
+        return limit - max(usage - _stat_value(stat, inactive_key), 0)
+    return None
+
+
+def _stat_value(path: Path, key: str) -> int:
+    """One counter of a cgroup's ``memory.stat`` (0 where the file or the key is missing)."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
     except (OSError, ValueError):
-        return None
+        pass
+    return 0
 
 
 def resolve_budget(value: str | int | float | None = AUTO, device: str | torch.device = "cpu") -> MemoryBudget:

@@ -110,6 +110,7 @@ def test_report_on_causal_runs_shows_perplexity_bleu_and_correlates_with_them(ca
     assert {"test_perplexity", "gap"} <= targets
     eflat = next(e for e in report["entries"] if e["method"] == "eflat-lora")
     assert "ema_error" in eflat
+    assert eflat["hessian"]["top_eigenvalues"]["meta"]["memory"]["budget_source"].startswith("auto: 10% of")
 
 
 def test_bad_causal_input_is_one_line_exit_2_and_writes_nothing(tmp_path, pairs_csv, tiny_gpt2_dir, capsys):

@@ -38,6 +38,32 @@ def test_auto_is_a_share_of_the_free_memory_and_says_so():
     assert parse_memory("auto") is None and resolve_budget("3GB").bytes == 3 * 10**9
 
 
+def test_a_containers_page_cache_is_room_not_usage(tmp_path):
+    """A container whose page cache filled its cgroup up to the limit (CI after a pip install) still has
+    room: the inactive file pages are reclaimable (v2 and v1); no limit is no bound."""
+    from flatlora_analysis.memory import _cgroup_room
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text(f"{24 * 2**30}\n")
+    (v2 / "memory.current").write_text(f"{24 * 2**30 - 2**20}\n")  # 1 MiB short of the limit
+    (v2 / "memory.stat").write_text(f"anon {3 * 2**30}\nfile {21 * 2**30}\ninactive_file {20 * 2**30}\n")
+    assert _cgroup_room(v2) == 20 * 2**30 + 2**20
+    (v2 / "memory.stat").write_text("anon 0\n")  # no inactive_file counter: the usage as it is
+    assert _cgroup_room(v2) == 2**20
+    (v2 / "memory.max").write_text("max\n")
+    assert _cgroup_room(v2) is None
+    v1 = tmp_path / "v1" / "memory"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(f"{8 * 2**30}\n")
+    (v1 / "memory.usage_in_bytes").write_text(f"{8 * 2**30}\n")
+    (v1 / "memory.stat").write_text(f"cache {6 * 2**30}\ntotal_inactive_file {5 * 2**30}\n")
+    assert _cgroup_room(v1.parent) == 5 * 2**30
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    assert _cgroup_room(v1.parent) is None
+    assert _cgroup_room(tmp_path / "none") is None
+
+
 @pytest.fixture(scope="module")
 def model(tiny_llama_dir):
     from test_causal_probe import trained_like

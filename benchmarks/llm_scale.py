@@ -8,7 +8,8 @@ N(0, 0.02)) and dtype of the base weights, fresh processes measure:
 - **gradient** and **product**: one gradient over the probe set and one Hessian-vector product
   (the memory plan of ``--max-memory auto``, as the report makes it) at each probe size; on the
   random shapes, one micro-batch of them (the time of the whole probe is that times the
-  micro-batches: derived, and printed as such);
+  micro-batches: derived, and printed as such); and one streamed product (its graph built, used
+  and freed) over one gradient of the same micro-batch, the best of two timings after a warm-up;
 - **report**: ``flatlora report --quick`` on SmolLM2-135M (float32) at ``--report-sizes`` pairs.
 
 Peak memory is the peak resident set (VmHWM) of each phase, reset between phases of a process.
@@ -131,11 +132,40 @@ def child(args: argparse.Namespace) -> dict:
                 op.matvec(torch.ones(op.dim) / op.dim**0.5)
                 row["product_seconds"], row["product_peak"] = time.perf_counter() - start, peak_rss_bytes()
                 row["product_plan"] = op.plan.meta()
+                row["same_batch"] = _same_batch(model, space, dev, product_probe.batches[0])
             row["one_micro_batch"] = one
             row["n_tokens"] = probe.n_tokens
         out["sizes"][str(n)] = row
         print(json.dumps({"progress": f"{args.shape} {args.dtype} {n} pairs done", **row}), file=sys.stderr, flush=True)
     return out
+
+
+def _same_batch(model, space, dev, batch) -> dict:
+    """One streamed Hessian product (graph built, used, freed) against one gradient, both of ``batch``:
+    the best of two timings each, after a warm-up of both."""
+    import torch
+
+    from flatlora_analysis import ProbeSet
+    from flatlora_analysis.hessian.operator import HessianOperator
+    from flatlora_analysis.memory import MemoryBudget
+    from flatlora_analysis.objective import ModelObjective
+
+    probe = ProbeSet.from_batches([batch])
+    whole = MemoryBudget(2**60, "the whole batch")  # one graph: the micro-batch itself
+    objective = ModelObjective(model, probe, space, dev, budget=whole)
+    zero, v = space.zeros(), torch.ones(space.dim) / space.dim**0.5
+    times = {"gradient": [], "product": []}
+    with HessianOperator(ModelObjective(model, probe, space, dev, budget=whole), "autograd", retain_graph=False) as op:
+        for _ in range(3):
+            start = time.perf_counter()
+            objective.loss_and_grad(zero)  # a delta: never the shared clean value
+            times["gradient"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            op.matvec(v)
+            times["product"].append(time.perf_counter() - start)
+    gradient, product = min(times["gradient"][1:]), min(times["product"][1:])
+    return {"rows": len(batch["input_ids"]), "gradient_seconds": gradient, "product_seconds": product,
+            "product_over_gradient": product / gradient}  # fmt: skip
 
 
 def _run(cmd: list[str]) -> tuple[int, int, str]:
@@ -204,8 +234,8 @@ def main() -> int:
             print(f"\n{shape} {dtype}: weights {_gib(result['weights_rss'])} GiB, training step peak {_gib(step)} GiB "
                   f"({result['step_seconds']:.1f} s)", flush=True)  # fmt: skip
             print("| pairs | tokens | gradient s | gradient GiB | product s | product GiB | product/gradient | "
-                  "product / step peak | plan |")  # fmt: skip
-            print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+                  "product / step peak | plan | product / gradient, same micro-batch |")  # fmt: skip
+            print("|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
             for n, row in result["sizes"].items():
                 plan = row["product_plan"]
                 how = plan["mode"] + (f" of {plan['micro_batch_rows']} rows" if "micro_batch_rows" in plan else "")
@@ -213,7 +243,8 @@ def main() -> int:
                 print(f"| {n} | {row['n_tokens']} | {row['gradient_seconds']:.1f} | {_gib(row['gradient_peak'])} | "
                       f"{row['product_seconds']:.1f} | {_gib(row['product_peak'])} | "
                       f"{row['product_seconds'] / row['gradient_seconds']:.2f} | {row['product_peak'] / step:.2f} | "
-                      f"{how} |", flush=True)  # fmt: skip
+                      f"{how} | {row['same_batch']['product_over_gradient']:.2f} "
+                      f"({row['same_batch']['rows']} rows) |", flush=True)  # fmt: skip
     base = next((r for r in results if r["shape"] == "135m" and r["dtype"] == "float32"), None)
     if base is None:
         print("(no SmolLM2-135M float32 run: no report and no ratio)")

@@ -11,6 +11,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+from flatlora.config import BASE_DTYPES
 from flatlora.console import ProgressBars, check_device, group_rank, init_distributed, quiet_transformers
 from flatlora.errors import FlatLoraError
 from flatlora_analysis.checkpointing import checkpointed_command
@@ -238,7 +239,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16", "float16"),
+        choices=BASE_DTYPES,
         default=None,
         help="dtype the frozen base weights are loaded in (default: a run's own, float32 for bare adapters); the "
         "LoRA factors and every measured space stay float32, and results are stored apart per dtype",

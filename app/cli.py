@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from flatlora.config import BASE_DTYPES
 from flatlora.errors import FlatLoraError
 
 
@@ -111,7 +112,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     app.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     app.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16", "float16"),
+        choices=BASE_DTYPES,
         default=None,
         help="dtype of the frozen base weights for measures computed on request (default: each run's own); the "
         "LoRA factors and the measured spaces stay float32, and results are stored apart per dtype",

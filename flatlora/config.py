@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING, Any
 from flatlora.errors import FlatLoraError
 from flatlora.runs import absolute_data_spec
 
+BASE_DTYPES = ("float32", "bfloat16", "float16")
+"""The dtypes a frozen base loads in: ``--dtype`` of train, report, landscape and app."""
+
 if TYPE_CHECKING:
     from flatlora.models import LoraOptions
 
@@ -178,7 +181,7 @@ class TrainConfig:
         "trained head and the optimizer state stay float32. Unlike --precision (autocast: the matmuls of any "
         "weights in half precision), it changes what the base weights hold",
         "model",
-        choices=("float32", "bfloat16", "float16"),
+        choices=BASE_DTYPES,
     )
     # optimisation
     steps: int = option(200, "optimizer steps", "optim")

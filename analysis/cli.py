@@ -61,6 +61,7 @@ def settings_from_args(args: argparse.Namespace):
         space=args.space,
         eig_k=args.eig_k,
         eig_space=args.eig_space,
+        eig_start=args.eig_start,
         trace_samples=args.trace_samples,
         density_steps=args.density_steps,
         layers=True if args.layers else None,
@@ -307,6 +308,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     report.add_argument("--space", default=None, help="sharpness space: merged (default), lora, b, all")
     report.add_argument("--eig-k", type=int, default=None, help="top Hessian eigenvalues (default: the preset's)")
     report.add_argument("--eig-space", default=None, help="Hessian space: lora (default), b, merged, all")
+    report.add_argument(
+        "--eig-start",
+        choices=["random", "gradient"],
+        default=None,
+        help="Lanczos start: random, or toward the clean gradient (fewer products; default: the preset's)",
+    )
     report.add_argument("--trace-samples", type=int, default=None, help="Hutch++ products for the trace (0: skip)")
     report.add_argument("--density-steps", type=int, default=None, help="SLQ Lanczos steps for the density (0: skip)")
     report.add_argument("--layers", action="store_true", help="per-layer top eigenvalue and trace")

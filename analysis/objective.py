@@ -10,6 +10,7 @@ on closed-form objectives too.
 from __future__ import annotations
 
 import contextlib
+import time
 import weakref
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -165,6 +166,19 @@ class ModelObjective:
             loss, grad = _clean(self.model, self._clean_key("grad"), lambda: self._loss_and_grad(None))
             return loss, grad.clone()
         return self._loss_and_grad(delta)
+
+    def timed_clean_gradient(self) -> float:
+        """Seconds of one clean loss and gradient, computed now (never the shared value), then shared.
+
+        The unit of a report's costs: the gradient it times is the clean one, so the measures that
+        start from it (sharpness, Flat-LoRA) take it instead of computing it again.
+        """
+        self.gradient_probe()  # the plan (and its estimating passes) before the clock starts
+        start = time.perf_counter()
+        value = self._loss_and_grad(None)
+        seconds = time.perf_counter() - start
+        _clean(self.model, self._clean_key("grad"), lambda: value)
+        return seconds
 
     def _loss_and_grad(self, delta: torch.Tensor | None) -> tuple[float, torch.Tensor]:
         delta = self.space.zeros() if delta is None else delta

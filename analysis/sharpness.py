@@ -120,6 +120,7 @@ def worst_case(
     for ``linf``), of initial size 2 rho, with momentum. A step that gains less than a quarter
     of what its first-order model predicts halves the step size and the run restarts from its
     best point; a step that gains at least three quarters of it grows the step (up to 2 rho).
+    A run's last point needs its loss only: a run costs ``steps`` gradients and one loss.
     """
     c = torch.ones(objective.dim, dtype=objective.dtype, device=objective.device) if scale is None else scale
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -144,8 +145,9 @@ def worst_case(
             alpha = 1.0 if z_prev is z else momentum
             z_new = _project(z + alpha * (u - z) + (1 - alpha) * (z - z_prev), rho, norm)
             predicted = float(gz @ (z_new - z))
-            new_loss, new_grad = objective.loss_and_grad(c * z_new)
-            evaluations += 1
+            last = k == steps  # no step follows from the last point's gradient
+            new_loss, new_grad = (objective.loss(c * z_new), None) if last else objective.loss_and_grad(c * z_new)
+            evaluations += 0 if last else 1
             gain = new_loss - loss
             if new_loss > run_best:
                 run_best, run_best_z, run_best_grad = new_loss, z_new, new_grad

@@ -61,6 +61,19 @@ def test_worst_is_never_below_sam_on_a_nonzero_gradient():
         assert best >= sam
 
 
+def test_worst_case_takes_a_gradient_per_step_and_only_the_loss_of_each_runs_last_point():
+    H = symmetric_with_spectrum(SPECTRUM, seed=5)
+    q = Quadratic(H, w0=torch.zeros(10), center=0.1 * torch.ones(10))
+    counted = {"grad": 0, "loss": 0}
+    loss, loss_and_grad = q.loss, q.loss_and_grad
+    q.loss = lambda d=None: counted.__setitem__("loss", counted["loss"] + 1) or loss(d)
+    q.loss_and_grad = lambda d=None: counted.__setitem__("grad", counted["grad"] + 1) or loss_and_grad(d)
+    clean, g = loss_and_grad(None)
+    best, delta, info = worst_case(q, 0.1, steps=4, restarts=1, start=(clean, g))
+    assert counted == {"grad": 2 * 4, "loss": 2} and info["gradient_evaluations"] == 8
+    assert best == pytest.approx(loss(delta), rel=1e-12) and best >= q.loss(sam_delta(g, 0.1)) - 1e-15
+
+
 def test_average_case_hits_half_rho_squared_trace_within_four_standard_errors():
     H = symmetric_with_spectrum(SPECTRUM, seed=4)
     rho = 0.2

@@ -240,3 +240,62 @@ def test_lanczos_rebuilds_every_product_from_its_coefficients():
     assert torch.max(torch.abs(it.products() - Q @ A)) < 1e-12  # row j is A q_j
     index = torch.tensor([3, 7, 19])
     assert torch.max(torch.abs(it.products(index) - (Q @ A)[:, index])) < 1e-12
+
+
+def test_a_start_toward_the_top_eigenvector_converges_in_fewer_products_and_misses_nothing():
+    spectrum = np.r_[10.0, 9.0, np.linspace(-1, 8.5, 198)]
+    g = torch.Generator().manual_seed(11)
+    Q, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))
+    A = Q @ torch.diag(torch.as_tensor(spectrum)) @ Q.T
+    near_top = Q[:, 0] + 0.3 * Q[:, 1] + 0.05 * torch.randn(200, generator=g, dtype=torch.float64)
+    plain = lanczos_eigenvalues(DenseOperator(A), 1, tol=1e-8, seed=0)
+    toward = lanczos_eigenvalues(DenseOperator(A), 1, tol=1e-8, seed=0, toward=near_top)
+    assert plain.eigenvalues[0] == pytest.approx(10.0, rel=1e-7) and toward.eigenvalues[0] == pytest.approx(
+        10.0, rel=1e-7
+    )
+    assert toward.products < plain.products
+    # a direction orthogonal to the top eigenvector: the random half still finds it
+    blind = lanczos_eigenvalues(DenseOperator(A), 1, tol=1e-8, seed=0, toward=Q[:, 1])
+    assert blind.eigenvalues[0] == pytest.approx(10.0, rel=1e-7)
+    # no direction (None or zero): exactly the random start
+    for none in (None, torch.zeros(200, dtype=torch.float64)):
+        again = lanczos_eigenvalues(DenseOperator(A), 1, tol=1e-8, seed=0, toward=none)
+        assert again.eigenvalues == plain.eigenvalues and again.products == plain.products
+
+
+def test_shared_curvature_toward_a_direction_keeps_the_density_and_trace_honest():
+    A = symmetric_with_spectrum(np.r_[20, 10, np.random.default_rng(1).normal(0.5, 1, 98)], seed=12)
+    top = torch.linalg.eigh(A).eigenvectors[:, -1]
+    plain = shared_curvature(DenseOperator(A), 1, tol=1e-8, trace_samples=12, density_steps=12, seed=4)
+    toward = shared_curvature(DenseOperator(A), 1, tol=1e-8, trace_samples=12, density_steps=12, seed=4, toward=top)
+    assert toward.eigen.eigenvalues[0] == pytest.approx(20.0, rel=1e-7)
+    # SLQ run 1 runs on its own from the same Rademacher vector: the same quadrature to round-off
+    assert np.allclose(toward.nodes, plain.nodes, rtol=1e-8, atol=1e-8)
+    assert np.allclose(toward.weights, plain.weights, rtol=1e-8, atol=1e-10)
+    assert toward.products["density"] == 12 and plain.products["density"] == 0
+    z = [
+        (shared_curvature(DenseOperator(A), 1, trace_samples=12, seed=s, toward=top).trace.trace - float(A.trace()))
+        / shared_curvature(DenseOperator(A), 1, trace_samples=12, seed=s, toward=top).trace.stderr
+        for s in range(20)
+    ]
+    assert abs(np.mean(z)) < 0.8  # the sketch toward the gradient leaves the residual probes unbiased
+
+
+def test_curvature_and_top_eigenvalues_started_toward_the_gradient_agree_with_the_dense_hessian():
+    from flatlora_analysis import top_eigenvalues
+
+    model, probe = bert_float64()
+    H = reference_hessian(model, probe, "lora")
+    truth = float(torch.linalg.eigvalsh(H)[-1])
+    for start in ("random", "gradient"):
+        found = curvature(model, probe, k=1, tol=1e-8, trace_samples=6, start=start)
+        eig = found.parts()["top_eigenvalues"]
+        assert eig.eigenvalues[0] == pytest.approx(truth, rel=1e-6)
+        assert eig.settings["start"] == start and found.settings["start"] == start
+        assert found.parts()["trace"].meta["sketch_start"] == start
+        alone = top_eigenvalues(model, probe, 1, tol=1e-8, start=start)
+        assert alone.eigenvalues[0] == pytest.approx(truth, rel=1e-6) and alone.settings["start"] == start
+    with pytest.raises(FlatLoraError, match="Lanczos start"):
+        top_eigenvalues(model, probe, 1, solver="eigsh", start="gradient")
+    with pytest.raises(FlatLoraError, match="unknown --eig-start"):
+        curvature(model, probe, start="top")

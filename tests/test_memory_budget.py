@@ -158,6 +158,23 @@ def test_measures_record_the_plan_and_the_context_sets_the_budget(model, probe):
     assert sam.meta["memory"]["mode"] == "micro-batches"
 
 
+def test_the_timed_gradient_of_a_report_is_the_clean_gradient_its_measures_take(model, probe):
+    from flatlora_analysis import sharpness
+    from flatlora_analysis.report.cost import gradient_seconds
+
+    m, _ = model
+    lora_b = next(p for n, p in m.named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        lora_b.mul_(1.0)  # a new version: no clean value of an earlier test is served
+    assert gradient_seconds(m, probe) > 0
+    shared = sharpness(m, probe, rho=0.05, kind="flat-lora")
+    assert shared.meta["backward_passes"] == 0  # the clean gradient came from the timing
+    with torch.no_grad():
+        lora_b.mul_(1.0)
+    alone = sharpness(m, probe, rho=0.05, kind="flat-lora")
+    assert alone.meta["backward_passes"] > 0 and alone.value == shared.value
+
+
 def test_the_clean_gradient_is_shared_and_a_changed_weight_is_not_served_stale(model, probe):
     """sam and worst start from the same L(w) and gradient: the second measure takes them from the first."""
     from flatlora_analysis import sharpness

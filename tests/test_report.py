@@ -166,6 +166,14 @@ def test_command_line_presets_keep_their_own_sizes_unless_an_option_overrides_th
     assert report_settings(args).flatness == ("relative", "pac-bayes")
     with pytest.raises(FlatLoraError, match="layer_trace_samples must be >= 6"):
         preset("full", layer_trace_samples=3)
+    # the quick preset starts Lanczos toward the clean gradient; --eig-start overrides either way
+    assert (PRESETS["quick"].eig_start, PRESETS["default"].eig_start) == ("gradient", "random")
+    args = parser.parse_args(["report", "runs", "--out", "o", "--quick", "--eig-start", "random"])
+    assert report_settings(args).eig_start == "random"
+    with pytest.raises(FlatLoraError, match="unknown --eig-start 'top'"):
+        preset("default", eig_start="top")
+    with pytest.raises(FlatLoraError, match="pac_bayes_rtol"):
+        preset("default", pac_bayes_rtol=1.5)
 
 
 def test_report_on_a_runs_folder_writes_every_file(quick_report):

@@ -21,6 +21,7 @@ from flatlora_analysis.hessian.krylov import (
     check_eigen_request,
     eigen_estimate,
     lanczos_run,
+    start_toward,
     verify_top_k,
 )
 from flatlora_analysis.hessian.operators import ShiftedOperator, as_linear_operator, random_vectors
@@ -62,6 +63,7 @@ def lanczos_eigenvalues(
     seed: int = 0,
     verify: bool = True,
     return_vectors: bool = False,
+    toward: torch.Tensor | None = None,
 ) -> EigenEstimate:
     """The k largest eigenvalues (algebraic, or in magnitude) by Lanczos, with an error estimate.
 
@@ -75,12 +77,21 @@ def lanczos_eigenvalues(
     repeated eigenvalue appears once. With ``verify`` (k >= 2), a top-1 run on A deflated
     by the k Ritz vectors found checks for a missed value above the k-th, and takes it in
     if there is one (repeated until none is): about one top-1 run of extra products.
+
+    ``toward`` (such as the clean gradient) starts the run from that direction plus the seeded
+    random vector (:func:`~flatlora_analysis.hessian.krylov.start_toward`): fewer steps where
+    it leans on the top eigenvectors, the same stopping rule.
     """
     check_eigen_request(op.dim, k, which, tol)
     max_iter = min(op.dim, max_iter or max(100, 4 * k + 40))
     start = op.n_products
     generator = torch.Generator().manual_seed(seed)
-    values, errors, vectors, converged, iterations = lanczos_run(op, k, which, tol, max_iter, generator)
+    v0 = (
+        None
+        if toward is None
+        else start_toward(random_vectors(op.dim, generator=generator, device=op.device, unit=True), toward)
+    )
+    values, errors, vectors, converged, iterations = lanczos_run(op, k, which, tol, max_iter, generator, v0)
     checks, extra = (0, 0)
     if verify and converged:
         checks, extra = verify_top_k(op, values, errors, vectors, k, which, tol, max_iter, generator)

@@ -35,7 +35,13 @@ import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 
-from flatlora_analysis.hessian.krylov import EigenEstimate, check_eigen_request, eigen_estimate, verify_top_k
+from flatlora_analysis.hessian.krylov import (
+    EigenEstimate,
+    check_eigen_request,
+    eigen_estimate,
+    start_toward,
+    verify_top_k,
+)
 from flatlora_analysis.hessian.lockstep import Lane, run_lockstep
 from flatlora_analysis.hessian.operators import matmat, random_vectors
 from flatlora_analysis.hessian.trace import TraceEstimate, _stats
@@ -87,6 +93,7 @@ def shared_curvature(
     layer_tol: float = 1e-3,
     layer_max_iter: int | None = None,
     seed: int = 0,
+    toward: torch.Tensor | None = None,
 ) -> SharedCurvature:
     """Top-k eigenvalues, and optionally tr(H), SLQ nodes/weights and per-layer curvature, from shared products.
 
@@ -104,6 +111,9 @@ def shared_curvature(
             on its block would, so both give the same value to round-off.
         layer_tol, layer_max_iter: the per-layer top-1 runs.
         seed: of every random draw.
+        toward: a direction the top-k run starts toward (the clean gradient: fewer steps), from
+            the unit sum of it and the Rademacher vector (:func:`start_toward`); SLQ run 1 is
+            then a lane of its own from that Rademacher vector, as the density needs.
 
     Returns:
         :class:`SharedCurvature`; ``products`` counts per part (the top-k run counts the steps
@@ -114,8 +124,14 @@ def shared_curvature(
     dim, device = op.dim, op.device
     max_iter = min(dim, max_iter or max(100, 4 * k + 40))
     rademacher = random_vectors(dim, generator=generator, device=device, kind="rademacher", unit=True)
-    top = Lane(rademacher, k=k, which=which, tol=tol, max_iter=max_iter, min_steps=density_steps, generator=generator)
-    slq_lanes = [
+    if toward is None:  # SLQ run 1 is the top-k run's first steps
+        top = Lane(rademacher, k=k, which=which, tol=tol, max_iter=max_iter, min_steps=density_steps,
+                   generator=generator)  # fmt: skip
+        slq_lanes = []
+    else:  # a start toward the gradient is no SLQ start: run 1 goes from the Rademacher vector itself
+        top = Lane(start_toward(rademacher, toward), k=k, which=which, tol=tol, max_iter=max_iter, generator=generator)
+        slq_lanes = [Lane(rademacher, steps=density_steps)] if density_steps else []
+    slq_lanes += [
         Lane(random_vectors(dim, generator=generator, device=device, kind="rademacher", unit=True), steps=density_steps)
         for _ in range(density_runs - 1 if density_steps else 0)
     ]
@@ -153,9 +169,10 @@ def shared_curvature(
     products = {"top_eigenvalues": iterations + extra}
     nodes = weights = None
     if density_steps:
-        runs = [_quadrature(*lane.tridiagonal(density_steps)) for lane in [top, *slq_lanes]]
+        density_lanes = [top, *slq_lanes] if toward is None else slq_lanes
+        runs = [_quadrature(*lane.tridiagonal(density_steps)) for lane in density_lanes]
         nodes, weights = np.array([r[0] for r in runs]), np.array([r[1] for r in runs])
-        products["density"] = density_steps * len(slq_lanes)
+        products["density"] = density_steps * len(slq_lanes)  # run 1 is counted with the top-k run unless its own
     layer_eigs = np.array([lane.eigen()[0][0] for lane in layer_lanes]) if layers else None
     if layers:
         products["layers"] = sum(len(lane.it.alpha) for lane in layer_lanes)

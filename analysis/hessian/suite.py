@@ -21,7 +21,7 @@ from flatlora.errors import FlatLoraError
 from flatlora.versions import package_versions
 from flatlora_analysis.guard import measuring
 from flatlora_analysis.hessian.density import broadened_density
-from flatlora_analysis.hessian.measures import Progress
+from flatlora_analysis.hessian.measures import Progress, check_start
 from flatlora_analysis.hessian.operator import HessianOperator
 from flatlora_analysis.hessian.result_types import DensityResult, EigenResult, LayerCurvatureResult, TraceResult
 from flatlora_analysis.hessian.shared import shared_curvature
@@ -67,6 +67,7 @@ def curvature(
     layer_trace_samples: int = 12,
     engine: str = "shared",
     block_size: int | None = None,
+    start: str = "random",
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: Progress | None = None,
@@ -88,6 +89,10 @@ def curvature(
         block_size: columns per batched double backward (shared engine; memory grows with it);
             None: 16 on a CUDA device, 1 (single products) on a CPU, where a batched column
             costs as much as a single product or more.
+        start: the top-k Lanczos run's start, ``random`` or ``gradient`` (toward the clean
+            gradient: fewer products; :func:`flatlora_analysis.hessian.top_eigenvalues`). The
+            trace's sketch is that run's Krylov basis either way (unbiased: the residual probes
+            are drawn apart from it); SLQ run 1 then runs on its own from a Rademacher vector.
         seed: of every random draw.
         data_parallel: under ``torch.distributed`` (torchrun) with several ranks, each rank
             takes its share of the probe set (:meth:`ProbeSet.shard`) and every product is
@@ -110,9 +115,11 @@ def curvature(
         raise FlatLoraError("data-parallel products run on the shared Hessian engine: drop --hessian-engine reference")
     if engine == "shared" and layers and not trace_samples:
         raise FlatLoraError("the shared engine reads per-layer traces off the trace's products: set trace_samples >= 6")
+    check_start(start)
     settings = MEASURES["curvature"].record(
         probe, space=space, k=k, tol=tol, trace_samples=trace_samples, density_steps=density_steps,
-        density_runs=density_runs, layers=layers, layer_trace_samples=layer_trace_samples, engine=engine, seed=seed,
+        density_runs=density_runs, layers=layers, layer_trace_samples=layer_trace_samples, engine=engine, start=start,
+        seed=seed,
     )  # fmt: skip
     if engine == "reference":
         parts = _reference(model, probe, space, settings, device, progress)
@@ -148,7 +155,7 @@ def reference_calls(space: str, s: dict[str, Any]) -> dict[str, dict[str, Any]]:
         The asked parts in the order they run, each with the settings its measure is called with.
     """
     common = {"space": space, "seed": s["seed"]}
-    calls = {"top_eigenvalues": {"k": s["k"], "tol": s["tol"], **common}}
+    calls = {"top_eigenvalues": {"k": s["k"], "tol": s["tol"], "start": s.get("start", "random"), **common}}
     if s["trace_samples"]:
         calls["trace"] = {"samples": s["trace_samples"], "batched": False, **common}
     if s["density_steps"]:
@@ -199,10 +206,13 @@ def _shared(model, probe, space, s, block_size, device, progress, reduce=None):
         with HessianOperator(objective, "auto", block_size=block_size, reduce=reduce) as op:
             op.progress = progress
             op.budget = 100 + s["trace_samples"] // 3 + (s["density_runs"] - 1) * s["density_steps"] + 30 * len(names)
+            toward = op.objective.loss_and_grad(None)[1] if s["start"] == "gradient" else None
+            if toward is not None and reduce is not None:
+                reduce(toward)  # each rank's share of the probe: the whole probe's gradient, as the products
             found = shared_curvature(
                 op, s["k"], tol=s["tol"], trace_samples=s["trace_samples"], density_steps=s["density_steps"],
                 density_runs=s["density_runs"], layers=indices, layer_tol=s["tol"], seed=s["seed"],
-                layer_names=names if layer_products == "pruned" else None,
+                layer_names=names if layer_products == "pruned" else None, toward=toward,
             )  # fmt: skip
             op_meta = {key: v for key, v in op.meta.items() if key != "dim"}
             calls = op.n_calls
@@ -223,7 +233,7 @@ def _shared(model, probe, space, s, block_size, device, progress, reduce=None):
         parts["trace"] = TraceResult(
             t.trace, t.stderr, t.products, t.converged,
             _recorded(probe, "trace", asked["trace"]),
-            {**meta, **t.meta},
+            {**meta, **t.meta, "sketch_start": s["start"]},
         )  # fmt: skip
     if found.nodes is not None:
         grid, density, sigma = broadened_density(found.nodes, found.weights)

@@ -8,7 +8,6 @@ sizes where seconds do not.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from flatlora_analysis.guard import measuring
@@ -20,14 +19,11 @@ from flatlora_analysis.spaces import build_space
 def gradient_seconds(model: Any, probe: ProbeSet, device: Any = None) -> float:
     """Seconds of one forward + backward over ``probe`` (LoRA space, in the memory plan's micro-batches).
 
-    The plan (and its small estimating passes) is made before the clock starts.
+    The plan (and its small estimating passes) is made before the clock starts. The gradient
+    timed is the clean one of the LoRA space, kept for the measures that start from it.
     """
     with measuring(model, device) as dev:
-        objective = ModelObjective(model, probe, build_space(model, "lora"), dev)
-        objective.gradient_probe()
-        start = time.perf_counter()
-        objective._loss_and_grad(None)  # computed, never the shared clean gradient: this is the clock
-        return time.perf_counter() - start
+        return ModelObjective(model, probe, build_space(model, "lora"), dev).timed_clean_gradient()
 
 
 def _passes(result: dict[str, Any]) -> dict[str, int]:

@@ -122,16 +122,18 @@ def report_measures(task: str, s: ReportSettings) -> list[tuple[str, str, dict[s
             out.append(("flatness.adaptive-worst", "adaptive_sharpness", given))
         elif name == "pac-bayes":
             given = {"target": s.pac_bayes_target, "space": s.space, "samples": s.pac_bayes_samples, "seed": s.seed}
+            given["rtol"] = s.pac_bayes_rtol
             out.append(("flatness.pac-bayes", "pac_bayes_flatness", given))
         else:
             out.append(("flatness.relative", "relative_flatness", {}))
     hess = {"space": s.eig_space, "seed": s.seed}
     if s.hessian_engine == "shared":
-        given = {**hess, "k": s.eig_k, "tol": s.eig_tol, "trace_samples": s.trace_samples}
+        given = {**hess, "k": s.eig_k, "tol": s.eig_tol, "start": s.eig_start, "trace_samples": s.trace_samples}
         given.update(density_steps=s.density_steps, density_runs=s.density_runs, layers=s.layers)
         out.append(("hessian.curvature", "curvature", {**given, "layer_trace_samples": s.layer_trace_samples}))
     else:
-        out.append(("hessian.top_eigenvalues", "top_eigenvalues", {**hess, "k": s.eig_k, "tol": s.eig_tol}))
+        given = {**hess, "k": s.eig_k, "tol": s.eig_tol, "start": s.eig_start}
+        out.append(("hessian.top_eigenvalues", "top_eigenvalues", given))
         if s.trace_samples:
             out.append(("hessian.trace", "trace", {**hess, "samples": s.trace_samples, "batched": False}))
         if s.density_steps:

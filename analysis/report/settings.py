@@ -20,7 +20,8 @@ class ReportSettings:
     Attributes:
         split, n, batch_size: the probe set (the first n examples of the run's split).
         rhos, kinds, space, worst_steps, average_samples: sharpness (every kind at every rho).
-        eig_k, eig_tol, eig_space: top Hessian eigenvalues (Lanczos).
+        eig_k, eig_tol, eig_space, eig_start: top Hessian eigenvalues (Lanczos), started from a
+            random vector or toward the clean gradient (``gradient``: fewer products).
         trace_samples: Hutch++ products for tr(H) (0: skip).
         density_steps, density_runs: SLQ spectral density (0 steps: skip).
         layers, layer_trace_samples: per-layer top eigenvalue and trace (Hutch++ products per layer).
@@ -30,7 +31,8 @@ class ReportSettings:
             (adaptive l-inf worst-case sharpness with logit normalization at radius
             ``adaptive_rho``, ``worst_steps`` ascent steps; classifiers), ``pac-bayes``
             (1 / sigma^2 for a mean loss increase of ``pac_bayes_target``, ``pac_bayes_samples``
-            antithetic pairs) and ``relative`` (kappa_Tr of the logit layer; classifiers). A
+            antithetic pairs, sigma found to ``pac_bayes_rtol``) and ``relative`` (kappa_Tr of the
+            logit layer; classifiers). A
             measure that does not apply to an adapter's task is left out of its entry.
         hessian_engine: ``shared`` (one call, block products and shared estimators:
             ``flatlora_analysis.hessian.suite``) or ``reference`` (each Hessian measure on its
@@ -51,6 +53,7 @@ class ReportSettings:
     eig_k: int = 3
     eig_tol: float = 1e-3
     eig_space: str = "lora"
+    eig_start: str = "random"
     trace_samples: int = 30
     density_steps: int = 0
     density_runs: int = 1
@@ -62,6 +65,7 @@ class ReportSettings:
     adaptive_rho: float = 0.001
     pac_bayes_target: float = 0.1
     pac_bayes_samples: int = 4
+    pac_bayes_rtol: float = 0.01
     hessian_engine: str = "shared"
     ema_checkpoint: bool = True
     seed: int = 0
@@ -109,6 +113,8 @@ class ReportSettings:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf):
                 raise FlatLoraError(f"{name} must be a finite number > 0, got {value!r}")
+        if not (isinstance(self.pac_bayes_rtol, (int, float)) and 0 < self.pac_bayes_rtol < 1):
+            raise FlatLoraError(f"pac_bayes_rtol must lie in (0, 1), got {self.pac_bayes_rtol!r}")
         if not _whole(self.pac_bayes_samples, 2):
             raise FlatLoraError(f"pac_bayes_samples must be a whole number >= 2, got {self.pac_bayes_samples!r}")
         if self.hessian_engine not in ("shared", "reference"):
@@ -118,6 +124,8 @@ class ReportSettings:
                 "--layers with the shared Hessian engine reads per-layer traces off the trace's products: "
                 "set --trace-samples >= 6, or --hessian-engine reference"
             )
+        if self.eig_start not in ("random", "gradient"):
+            raise FlatLoraError(f"unknown --eig-start {self.eig_start!r}: use random or gradient")
         if not (isinstance(self.eig_tol, (int, float)) and 0 < self.eig_tol < 1):
             raise FlatLoraError(f"eig_tol must lie in (0, 1), got {self.eig_tol!r}")
 
@@ -138,7 +146,7 @@ class ReportSettings:
 
 
 _FLAGS = {"n": "--examples", "eig_k": "--eig-k", "eig_space": "--eig-space", "batch_size": "--batch-size"}
-_FLAGS |= {"space": "--space", "seed": "--seed"}
+_FLAGS |= {"space": "--space", "seed": "--seed", "eig_start": "--eig-start"}
 
 
 def _flag(name: str) -> str:
@@ -150,20 +158,27 @@ def _whole(value: Any, low: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
+# The quick preset is sized for an LLM adapter on a CPU, where one Hessian-vector product costs
+# 2.4-2.9 gradients: every measure, at settings that cost the least for what they still tell
+# (README, "what a report costs"): lambda_max by Lanczos started toward the clean gradient, to 1%;
+# tr(H) from that Krylov basis and 2 residual probes; worst-case sharpness a lower bound after 3
+# ascent steps; sigma of PAC-Bayes to 5%.
 PRESETS: dict[str, ReportSettings] = {
     "quick": ReportSettings(
         preset="quick",
         n=32,
         kinds=("sam", "worst", "average", "flat-lora"),
-        worst_steps=5,
+        worst_steps=3,
         average_samples=5,
         eig_k=1,
         eig_tol=1e-2,
-        trace_samples=12,
+        eig_start="gradient",
+        trace_samples=6,
         density_steps=0,
         layers=False,
         landscape_steps=11,
         pac_bayes_samples=2,
+        pac_bayes_rtol=0.05,
     ),
     "default": ReportSettings(),
     "full": ReportSettings(

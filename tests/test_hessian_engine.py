@@ -273,6 +273,7 @@ def test_shared_curvature_toward_a_direction_keeps_the_density_and_trace_honest(
     assert np.allclose(toward.nodes, plain.nodes, rtol=1e-8, atol=1e-8)
     assert np.allclose(toward.weights, plain.weights, rtol=1e-8, atol=1e-10)
     assert toward.products["density"] == 12 and plain.products["density"] == 0
+    assert plain.shares["density"].startswith("run 1 is") and "no SLQ run" in toward.shares["density"]
     z = [
         (shared_curvature(DenseOperator(A), 1, trace_samples=12, seed=s, toward=top).trace.trace - float(A.trace()))
         / shared_curvature(DenseOperator(A), 1, trace_samples=12, seed=s, toward=top).trace.stderr

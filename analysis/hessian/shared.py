@@ -9,7 +9,8 @@ any symmetric operator with ``matmat``, sharing products where the mathematics a
    one block product per step. The top-k run starts from a normalised Rademacher vector and
    runs at least ``density_steps`` steps, so the first ``density_steps`` steps of its
    tridiagonal T are SLQ run 1 exactly (T_m of a run is the leading m x m block of any
-   longer run's T).
+   longer run's T). A top-k run started toward a direction (the clean gradient) is no SLQ
+   run: run 1 then advances in the group from the Rademacher vector itself.
 2. **The trace on the top-k run's Krylov basis** Q (m orthonormal vectors): as Hutch++ does
    with its random sketch, tr(H) = tr(Q^T H Q) + tr((I - QQ^T) H (I - QQ^T)); the first term
    is sum(alpha), exact and free; the second is Hutchinson's on ``trace_samples // 3``
@@ -52,6 +53,7 @@ SHARES = {
     "layers.eigenvalues": "one top-1 Lanczos run per layer block, in lockstep with top_eigenvalues",
     "layers.traces": "the trace's residual products and the Krylov basis, read per layer",
 }
+OWN_DENSITY = "every run in lockstep with top_eigenvalues (its start toward the gradient is no SLQ run)"
 
 
 @dataclass
@@ -208,6 +210,9 @@ def shared_curvature(
             per_samples = np.stack([(G[idx] * HR[idx]).sum(0).cpu().numpy() for idx in layers])  # (L, n)
             means, ses = _stats(per_samples)
             layer_traces, layer_se = per_exact + means, ses
+    shares = {key: SHARES[key] for key in SHARES if _asked(key, trace_samples, density_steps, layers)}
+    if toward is not None and "density" in shares:
+        shares["density"] = OWN_DENSITY
     return SharedCurvature(
         eigen,
         trace,
@@ -218,7 +223,7 @@ def shared_curvature(
         layer_se,
         products,
         calls,
-        {key: SHARES[key] for key in SHARES if _asked(key, trace_samples, density_steps, layers)},
+        shares,
     )
 
 

@@ -51,10 +51,15 @@ def saved_bytes(fn) -> int:
 
     def pack(t):
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
+        saved.append(t)  # the graph holds an index: a saved output held as itself would keep its grad_fn alive
+        return len(saved) - 1
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
+    saved: list = []
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, saved.__getitem__):
+            fn()
+    finally:
+        saved.clear()
     return sum(seen.values())
 
 

@@ -49,12 +49,17 @@ def saved_bytes(fn) -> int:
     """Bytes of the tensors autograd saves for backward while ``fn()`` runs (a checkpoint keeps its own)."""
     seen: dict[int, int] = {}
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def pack(t: torch.Tensor) -> int:
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
+        saved.append(t)  # the graph holds an index: a saved output held as itself would keep its grad_fn alive
+        return len(saved) - 1
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
+    saved: list = []
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, saved.__getitem__):
+            fn()
+    finally:
+        saved.clear()
     return sum(seen.values())
 
 

@@ -261,6 +261,10 @@ def main() -> int:
         f"product peak from {min(map(int, base['sizes']))} to {max(map(int, base['sizes']))} pairs: "
         f"max/min {max(peaks) / min(peaks):.3f}"
     )
+    if len(reports) > 1:
+        report_peaks = [r["peak"] for r in reports.values()]
+        print(f"report peak from {min(reports)} to {max(reports)} pairs: max/min "
+              f"{max(report_peaks) / min(report_peaks):.3f}")  # fmt: skip
     if 128 in reports:
         print(f"ratio: {reports[128]['peak'] / base['step_peak']:.3f}")
     elif "128" in base["sizes"]:

@@ -20,6 +20,7 @@ products are the whole-probe values (:meth:`flatlora_analysis.probe.ProbeSet.spl
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,34 +124,51 @@ def _sample_rows(probe: ProbeSet, batch: Batch) -> list[torch.Tensor]:
     return [torch.tensor(p) for p in picks]
 
 
-def _saved_bytes(objective: Any, batch: Batch, create_graph: bool) -> int:
-    """Bytes the graph of ``batch`` saves (forward; and the create_graph backward), weights left out."""
-    model, space = objective.model, objective.space
-    resident = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+def saved_storage_bytes(fn: Callable[[], Any], exclude: Collection[int] = ()) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs.
+
+    Args:
+        fn: builds the graph to count (a forward; a ``create_graph`` backward counts too).
+        exclude: storage data pointers left out (the weights: resident anyway).
+
+    Returns:
+        The sum of the saved storages' sizes, each storage once.
+    """
     seen: dict[int, int] = {}
     # The graph holds what pack returns. A saved output returned as itself would hold its own grad_fn,
-    # a reference cycle that outlives the estimate (about a quarter GiB on SmolLM2-135M, per plan made):
-    # the graph holds an index instead, and the tensors are dropped with the list when it is measured.
+    # a reference cycle that outlives the count (about a quarter GiB on SmolLM2-135M, per plan made):
+    # the graph holds an index instead, and the tensors go with the list once counted.
     saved: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> int:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in resident:
+        if storage.data_ptr() not in exclude:
             seen[storage.data_ptr()] = storage.nbytes()
         saved.append(t)
         return len(saved) - 1
 
-    leaves = [d.detach().requires_grad_(True) for d in space.split(space.zeros())]
-    # a product's graph is built with checkpointed layers suspended (as HessianOperator builds it)
-    plain = suspended() if create_graph else contextlib.nullcontext()
     try:
-        with plain, torch.autograd.graph.saved_tensors_hooks(pack, saved.__getitem__):
-            loss = objective.probe.batch_loss(model, batch, space.overrides(leaves))
-            if create_graph:
-                torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, saved.__getitem__):
+            fn()
     finally:
         saved.clear()
     return sum(seen.values())
+
+
+def _saved_bytes(objective: Any, batch: Batch, create_graph: bool) -> int:
+    """Bytes the graph of ``batch`` saves (forward; and the create_graph backward), weights left out."""
+    model, space = objective.model, objective.space
+    resident = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    leaves = [d.detach().requires_grad_(True) for d in space.split(space.zeros())]
+
+    def build() -> None:
+        loss = objective.probe.batch_loss(model, batch, space.overrides(leaves))
+        if create_graph:
+            torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+
+    # a product's graph is built with checkpointed layers suspended (as HessianOperator builds it)
+    with suspended() if create_graph else contextlib.nullcontext():
+        return saved_storage_bytes(build, exclude=resident)
 
 
 def measure_graph(objective: Any, *, create_graph: bool) -> GraphSize:
@@ -205,4 +223,4 @@ def planned_probe(probe: ProbeSet, plan: GraphPlan) -> ProbeSet:
     return probe if plan.rows is None else probe.split_rows(plan.rows)
 
 
-__all__ = ["OVERHEAD", "GraphPlan", "GraphSize", "measure_graph", "plan_graphs", "planned_probe"]
+__all__ = ["OVERHEAD", "GraphPlan", "GraphSize", "measure_graph", "plan_graphs", "planned_probe", "saved_storage_bytes"]

@@ -44,23 +44,10 @@ TASKS = ("train", "hvp", "hvp-fd")
 
 
 def saved_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs (weights left out)."""
-    import torch
+    """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs (weights included)."""
+    from flatlora_analysis.micro_batch import saved_storage_bytes
 
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        saved.append(t)  # the graph holds an index: a saved output held as itself would keep its grad_fn alive
-        return len(saved) - 1
-
-    saved: list = []
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, saved.__getitem__):
-            fn()
-    finally:
-        saved.clear()
-    return sum(seen.values())
+    return saved_storage_bytes(fn)
 
 
 def train_step(model, batch):

@@ -26,6 +26,7 @@ from flatlora_analysis.checkpointing import (
 )
 from flatlora_analysis.guard import measuring
 from flatlora_analysis.hessian.operator import HessianOperator
+from flatlora_analysis.micro_batch import saved_storage_bytes
 from flatlora_analysis.objective import ModelObjective
 from flatlora_analysis.probe import ProbeSet
 from flatlora_analysis.spaces import build_space
@@ -47,20 +48,7 @@ class Counter:
 
 def saved_bytes(fn) -> int:
     """Bytes of the tensors autograd saves for backward while ``fn()`` runs (a checkpoint keeps its own)."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> int:
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        saved.append(t)  # the graph holds an index: a saved output held as itself would keep its grad_fn alive
-        return len(saved) - 1
-
-    saved: list = []
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, saved.__getitem__):
-            fn()
-    finally:
-        saved.clear()
-    return sum(seen.values())
+    return saved_storage_bytes(fn)
 
 
 # -- training --------------------------------------------------------------------------------

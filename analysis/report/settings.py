@@ -9,6 +9,7 @@ from typing import Any
 
 from flatlora.errors import FlatLoraError
 from flatlora_analysis.flatness import FLATNESS
+from flatlora_analysis.hessian.measures import STARTS
 from flatlora_analysis.sharpness import KINDS
 from flatlora_analysis.spaces import SPACES
 
@@ -124,8 +125,8 @@ class ReportSettings:
                 "--layers with the shared Hessian engine reads per-layer traces off the trace's products: "
                 "set --trace-samples >= 6, or --hessian-engine reference"
             )
-        if self.eig_start not in ("random", "gradient"):
-            raise FlatLoraError(f"unknown --eig-start {self.eig_start!r}: use random or gradient")
+        if self.eig_start not in STARTS:
+            raise FlatLoraError(f"unknown --eig-start {self.eig_start!r}: use {' or '.join(STARTS)}")
         if not (isinstance(self.eig_tol, (int, float)) and 0 < self.eig_tol < 1):
             raise FlatLoraError(f"eig_tol must lie in (0, 1), got {self.eig_tol!r}")
 
